@@ -1,0 +1,1 @@
+//! CPUID templates (placeholder: being written).

@@ -1,0 +1,1 @@
+//! Instruction fallback for emulation failures (see docs).

@@ -1,0 +1,1 @@
+//! The isla microVM monitor.
