@@ -5,5 +5,6 @@
 //! Everything here is plain data and guest-memory writes, so it is unit-tested without a guest.
 
 pub mod acpi;
+pub mod boot;
 pub mod cpuid;
 pub mod layout;
