@@ -153,6 +153,41 @@ pub fn boot_fpu() -> kvm_fpu {
     kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() }
 }
 
+/// Model-specific registers set on every vCPU before boot: SYSENTER/SYSCALL entry points cleared
+/// (the kernel programs them), TSC zeroed so all vCPUs start in step, fast strings on, MTRRs
+/// enabled with write-back as the default type.
+pub fn boot_msrs() -> Vec<(u32, u64)> {
+    vec![
+        (0x174, 0),                 // IA32_SYSENTER_CS
+        (0x175, 0),                 // IA32_SYSENTER_ESP
+        (0x176, 0),                 // IA32_SYSENTER_EIP
+        (0xc000_0081, 0),           // STAR
+        (0xc000_0082, 0),           // LSTAR
+        (0xc000_0083, 0),           // CSTAR
+        (0xc000_0084, 0),           // SYSCALL_MASK
+        (0xc000_0102, 0),           // KERNEL_GS_BASE
+        (0x10, 0),                  // IA32_TSC
+        (0x1a0, 1),                 // IA32_MISC_ENABLE: fast strings
+        (0x2ff, (1 << 11) | 6),     // MTRRdefType: enabled, write-back
+    ]
+}
+
+/// Local APIC LVT registers programmed for virtual-wire mode: LINT0 delivers ExtINT (the PIC),
+/// LINT1 delivers NMI. `regs` is the 1 KiB KVM_GET_LAPIC register page.
+pub fn set_lapic_virtual_wire(regs: &mut [u8]) {
+    const APIC_LVT0: usize = 0x350;
+    const APIC_LVT1: usize = 0x360;
+    const MODE_EXTINT: u32 = 0x7;
+    const MODE_NMI: u32 = 0x4;
+    for (off, mode) in [(APIC_LVT0, MODE_EXTINT), (APIC_LVT1, MODE_NMI)] {
+        if let Some(b) = regs.get_mut(off..off + 4) {
+            let v = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            let v = (v & !0x700) | (mode << 8);
+            b.copy_from_slice(&v.to_le_bytes());
+        }
+    }
+}
+
 /// What the zero page must tell the kernel.
 #[derive(Debug, Clone, Default)]
 pub struct BootParamsConfig {
@@ -274,6 +309,17 @@ mod tests {
     fn boot_tables_need_the_first_megabyte() {
         let m = mem(0x4000);
         assert!(matches!(write_boot_tables(&m), Err(BootError::Write { what: "PML4", .. })));
+    }
+
+    #[test]
+    fn lapic_virtual_wire() {
+        let mut regs = vec![0u8; 1024];
+        regs[0x350..0x354].copy_from_slice(&0x0001_0700u32.to_le_bytes());
+        set_lapic_virtual_wire(&mut regs);
+        assert_eq!(u32::from_le_bytes(regs[0x350..0x354].try_into().unwrap()), 0x0001_0700);
+        assert_eq!(u32::from_le_bytes(regs[0x360..0x364].try_into().unwrap()), 0x400);
+        set_lapic_virtual_wire(&mut [0u8; 16]);
+        assert!(boot_msrs().iter().any(|&(m, v)| m == 0x1a0 && v == 1));
     }
 
     #[test]

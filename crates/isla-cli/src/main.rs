@@ -1,1 +1,167 @@
-fn main() {}
+//! `isla`: one command for microVMs (and, as the project grows, containers and full VMs).
+//! Argument parsing and output only; the work is done by the library crates.
+
+mod bench;
+mod kit;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use isla_vmm::config::{parse_memory, ConsoleConfig, TemplateChoice};
+use isla_vmm::VmConfig;
+
+#[derive(Parser)]
+#[command(name = "isla", version, about = "microVMs, containers and full VMs under one roof, measured side by side")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// microVMs on isla's own KVM monitor.
+    #[command(subcommand)]
+    Vm(VmCmd),
+    /// The guest kit: kernel, initramfs and rootfs for microVMs.
+    #[command(subcommand)]
+    Guest(GuestCmd),
+}
+
+#[derive(Subcommand)]
+enum VmCmd {
+    /// Boot a microVM in this process and run it until the guest powers off or reboots.
+    ///
+    /// Exit status: 0 guest powered off (or stopped by --stop-on-console), 1 error,
+    /// 2 usage error, 3 guest asked for a reboot, 4 guest triple-faulted.
+    Run(RunArgs),
+    /// Measure microVM boot time and monitor memory (several runs, median and spread).
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum GuestCmd {
+    /// Build (or find in ~/.cache/isla) the guest kernel, initramfs and rootfs.
+    Build,
+    /// Print where the guest kit is.
+    Path,
+}
+
+#[derive(Args, Clone)]
+pub struct RunArgs {
+    /// Kernel: ELF vmlinux or bzImage (default: the guest kit's vmlinux).
+    #[arg(long, conflicts_with = "config_file")]
+    kernel: Option<PathBuf>,
+    /// Initial RAM disk (default with the kit's kernel: the kit's initramfs).
+    #[arg(long, conflicts_with = "config_file")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, conflicts_with = "config_file")]
+    cmdline: Option<String>,
+    /// Number of vCPUs (1 to 32).
+    #[arg(long, default_value_t = 1, conflicts_with = "config_file")]
+    cpus: u8,
+    /// Guest memory: 128M, 1G, or a number of MiB.
+    #[arg(long, default_value = "128M", conflicts_with = "config_file")]
+    memory: String,
+    /// Firecracker JSON configuration (boot-source, drives, machine-config, network-interfaces).
+    #[arg(long)]
+    config_file: Option<PathBuf>,
+    /// CPU template: auto (baseline on nested hosts, host elsewhere), host, or baseline.
+    #[arg(long, default_value = "auto")]
+    cpu_template: String,
+    /// Serial console: stdio, null, or file:PATH.
+    #[arg(long, default_value = "stdio")]
+    console: String,
+    /// Stop the VM cleanly (exit status 0) when the console prints this text.
+    #[arg(long)]
+    stop_on_console: Option<String>,
+    /// Write the run's report (timings, exits, memory) as JSON to this file.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Do not handle emulation failures with the instruction fallback.
+    #[arg(long)]
+    no_insn_fallback: bool,
+    /// Print no summary on standard error.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+impl RunArgs {
+    /// The typed, validated configuration these arguments describe.
+    pub fn to_config(&self) -> Result<VmConfig> {
+        let mut cfg = match &self.config_file {
+            Some(f) => isla_vmm::firecracker::load(f)?,
+            None => {
+                let (kernel, default_initrd) = match &self.kernel {
+                    Some(k) => (k.clone(), None),
+                    None => {
+                        let kit = kit::Kit::find()?;
+                        (kit.vmlinux, Some(kit.initramfs))
+                    }
+                };
+                let mut c = VmConfig::new(kernel);
+                c.initrd = self.initrd.clone().or(default_initrd);
+                if let Some(s) = &self.cmdline {
+                    c.cmdline = s.clone();
+                }
+                c.vcpus = self.cpus;
+                c.memory = parse_memory(&self.memory)?;
+                c
+            }
+        };
+        if !cfg.drives.is_empty() || !cfg.net.is_empty() {
+            let what = if cfg.drives.is_empty() { "network-interfaces" } else { "drives" };
+            anyhow::bail!(
+                "{what}: the configuration is valid, but virtio block and network devices are not in this build of isla yet; remove `{what}` to boot without them"
+            );
+        }
+        cfg.cpu_template = self.cpu_template.parse::<TemplateChoice>()?;
+        cfg.console = self.console.parse::<ConsoleConfig>()?;
+        cfg.stop_on_console = self.stop_on_console.clone();
+        cfg.insn_fallback = !self.no_insn_fallback;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+fn vm_run(args: &RunArgs) -> Result<i32> {
+    let cfg = args.to_config()?;
+    let report = isla_vmm::run(&cfg)?;
+    if let Some(path) = &args.report {
+        let json = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, json).with_context(|| format!("--report {}", path.display()))?;
+    }
+    if !args.quiet {
+        eprint!("{}", report.summary());
+    }
+    Ok(report.exit.exit_code())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("ISLA_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match &cli.cmd {
+        Cmd::Vm(VmCmd::Run(a)) => vm_run(a),
+        Cmd::Vm(VmCmd::Bench(a)) => bench::run(a).map(|()| 0),
+        Cmd::Guest(GuestCmd::Build) => kit::build().map(|k| {
+            k.print();
+            0
+        }),
+        Cmd::Guest(GuestCmd::Path) => kit::Kit::find().map(|k| {
+            k.print();
+            0
+        }),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            eprintln!("isla: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

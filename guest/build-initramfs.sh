@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Build the guest-kit root tree (busybox-static, the init in guest/rootfs/) and pack it as an
+# uncompressed newc initramfs (the kernel unpacks it without a decompressor) and as an ext4 image
+# (mkfs.ext4 -d). Cached under ~/.cache/isla/rootfs/<hash of inputs>/; prints that directory.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+cache=${ISLA_CACHE:-$HOME/.cache/isla}
+busybox=/bin/busybox
+[ -x "$busybox" ] && file -L "$busybox" | grep -q "statically linked" ||
+  { echo "build-initramfs: a static $busybox is needed: apt-get install busybox-static" >&2; exit 1; }
+key=$( { sha256sum "$busybox"; cat "$here/build-initramfs.sh"; (cd "$here/rootfs" && find . -type f -print0 | sort -z | xargs -0 sha256sum); } | sha256sum | cut -c1-16)
+out="$cache/rootfs/$key"
+if [ -f "$out/initramfs.cpio" ] && [ -f "$out/rootfs.ext4" ]; then echo "$out"; exit 0; fi
+tree=$(mktemp -d); trap 'rm -rf "$tree"' EXIT
+mkdir -p "$tree"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,root,etc/isla/checks,mnt,run,var}
+cp "$busybox" "$tree/bin/busybox"
+for applet in $("$busybox" --list-full); do
+  [ -e "$tree/$applet" ] || ln -s /bin/busybox "$tree/$applet"
+done
+cp -a "$here/rootfs/." "$tree/"
+chmod 1777 "$tree/tmp"
+echo "root:x:0:0:root:/root:/bin/sh" > "$tree/etc/passwd"
+echo "root:x:0:" > "$tree/etc/group"
+# The kernel opens /dev/console before init mounts devtmpfs: the node must be in the archive.
+mknod -m 600 "$tree/dev/console" c 5 1 || { echo "build-initramfs: mknod needs root" >&2; exit 1; }
+mkdir -p "$out.tmp"
+(cd "$tree" && { find . -mindepth 1 | sort; } | cpio --quiet -o -H newc -R 0:0 > "$out.tmp/initramfs.cpio")
+mkfs.ext4 -q -F -L isla-root -d "$tree" "$out.tmp/rootfs.ext4" 64M >&2
+rm -rf "$out"; mv "$out.tmp" "$out"
+echo "$out"

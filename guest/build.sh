@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Build the whole guest kit (kernel, initramfs, ext4 rootfs), reusing cached pieces, and write
+# ~/.cache/isla/guest-kit.env naming them. Tests and `isla` read that file to find the kit.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+cache=${ISLA_CACHE:-$HOME/.cache/isla}
+kernel=$("$here/build-kernel.sh")
+rootfs=$("$here/build-initramfs.sh")
+mkdir -p "$cache"
+cat > "$cache/guest-kit.env.tmp" <<ENV
+ISLA_KERNEL_VMLINUX=$kernel/vmlinux
+ISLA_KERNEL_BZIMAGE=$kernel/bzImage
+ISLA_INITRAMFS=$rootfs/initramfs.cpio
+ISLA_ROOTFS=$rootfs/rootfs.ext4
+ENV
+mv "$cache/guest-kit.env.tmp" "$cache/guest-kit.env"
+cat "$cache/guest-kit.env"
