@@ -116,9 +116,7 @@ pub enum AcpiError {
     #[error("invalid vCPU count {0}: the MADT describes 1 to {MAX_CPUS} vCPUs")]
     InvalidCpuCount(u8),
     /// More virtio-mmio devices than there are device GSIs.
-    #[error(
-        "{count} virtio-mmio devices requested, at most {MAX_VIRTIO_DEVICES} fit (one GSI each)"
-    )]
+    #[error("{count} virtio-mmio devices requested, at most {MAX_VIRTIO_DEVICES} fit (one GSI each)")]
     TooManyDevices {
         /// Number of devices requested.
         count: usize,
@@ -236,9 +234,7 @@ fn validate(cfg: &AcpiConfig) -> Result<(), AcpiError> {
     }
     let devices = &cfg.virtio_mmio;
     if devices.len() > MAX_VIRTIO_DEVICES {
-        return Err(AcpiError::TooManyDevices {
-            count: devices.len(),
-        });
+        return Err(AcpiError::TooManyDevices { count: devices.len() });
     }
     for (index, dev) in devices.iter().enumerate() {
         let end = dev.base.checked_add(dev.len);
@@ -246,17 +242,10 @@ fn validate(cfg: &AcpiConfig) -> Result<(), AcpiError> {
             && dev.base >= layout::VIRTIO_MMIO_START
             && end.is_some_and(|end| end <= layout::BOOT_TIMER_ADDR);
         if !inside {
-            return Err(AcpiError::DeviceWindow {
-                index,
-                base: dev.base,
-                len: dev.len,
-            });
+            return Err(AcpiError::DeviceWindow { index, base: dev.base, len: dev.len });
         }
         if !(layout::VIRTIO_IRQ_BASE..=layout::IRQ_MAX).contains(&dev.irq) {
-            return Err(AcpiError::DeviceIrq {
-                index,
-                irq: dev.irq,
-            });
+            return Err(AcpiError::DeviceIrq { index, irq: dev.irq });
         }
     }
     for (second, b) in devices.iter().enumerate() {
@@ -266,11 +255,7 @@ fn validate(cfg: &AcpiConfig) -> Result<(), AcpiError> {
                 return Err(AcpiError::DeviceOverlap { first, second });
             }
             if a.irq == b.irq {
-                return Err(AcpiError::DuplicateIrq {
-                    first,
-                    second,
-                    irq: a.irq,
-                });
+                return Err(AcpiError::DuplicateIrq { first, second, irq: a.irq });
             }
         }
     }
@@ -287,19 +272,9 @@ fn place(xsdt_len: u64, madt_len: u64, dsdt_len: u64) -> Result<Placement, AcpiE
     let dsdt = align_up(madt.saturating_add(madt_len));
     let end = dsdt.saturating_add(dsdt_len);
     if end > layout::ACPI_END {
-        return Err(AcpiError::TablesTooLarge {
-            size: end - rsdp,
-            end,
-        });
+        return Err(AcpiError::TablesTooLarge { size: end - rsdp, end });
     }
-    Ok(Placement {
-        rsdp,
-        xsdt,
-        fadt,
-        madt,
-        dsdt,
-        end,
-    })
+    Ok(Placement { rsdp, xsdt, fadt, madt, dsdt, end })
 }
 
 fn align_up(addr: u64) -> u64 {
@@ -318,29 +293,13 @@ fn aml_bytes(obj: &dyn Aml) -> Vec<u8> {
     bytes
 }
 
-fn write_table<M: GuestMemory>(
-    mem: &M,
-    table: &'static str,
-    addr: u64,
-    bytes: &[u8],
-) -> Result<(), AcpiError> {
-    mem.write_slice(bytes, GuestAddress(addr))
-        .map_err(|source| AcpiError::GuestMemory {
-            table,
-            addr,
-            source,
-        })
+fn write_table<M: GuestMemory>(mem: &M, table: &'static str, addr: u64, bytes: &[u8]) -> Result<(), AcpiError> {
+    mem.write_slice(bytes, GuestAddress(addr)).map_err(|source| AcpiError::GuestMemory { table, addr, source })
 }
 
 /// A GAS describing an 8-bit I/O port.
 fn io_port_gas(port: u16) -> GAS {
-    GAS::new(
-        AddressSpace::SystemIo,
-        8,
-        0,
-        AccessSize::ByteAccess,
-        u64::from(port),
-    )
+    GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, u64::from(port))
 }
 
 /// The FADT of a hardware-reduced platform.
@@ -353,21 +312,13 @@ fn build_fadt(dsdt_addr: u64) -> acpi_tables::fadt::FADT {
     fadt.reset_value = layout::ACPI_RESET_VALUE;
     fadt.sleep_control_reg = io_port_gas(layout::ACPI_SLEEP_CONTROL_PORT);
     fadt.sleep_status_reg = io_port_gas(layout::ACPI_SLEEP_STATUS_PORT);
-    fadt.iapc_boot_arch =
-        (IAPC_BOOT_ARCH_VGA_NOT_PRESENT | IAPC_BOOT_ARCH_CMOS_RTC_NOT_PRESENT).into();
+    fadt.iapc_boot_arch = (IAPC_BOOT_ARCH_VGA_NOT_PRESENT | IAPC_BOOT_ARCH_CMOS_RTC_NOT_PRESENT).into();
     fadt.finalize()
 }
 
 /// The MADT: local APICs, the IOAPIC, the PIT override and the LINT1 NMI.
 fn build_madt(cpu_count: u8) -> Vec<u8> {
-    let mut madt = Sdt::new(
-        *b"APIC",
-        MADT_HEADER_LEN,
-        MADT_REVISION,
-        OEM_ID,
-        OEM_TABLE_ID,
-        OEM_REVISION,
-    );
+    let mut madt = Sdt::new(*b"APIC", MADT_HEADER_LEN, MADT_REVISION, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     madt.write_u32(MADT_LAPIC_ADDR_OFFSET, APIC_ADDR_32);
     madt.write_u32(MADT_FLAGS_OFFSET, MADT_PCAT_COMPAT);
 
@@ -408,14 +359,7 @@ fn build_dsdt(cfg: &AcpiConfig) -> Result<Vec<u8>, AcpiError> {
     }
     body.extend_from_slice(&aml::Scope::raw("\\_SB_".into(), sb));
 
-    let mut dsdt = Sdt::new(
-        *b"DSDT",
-        SDT_HEADER_LEN,
-        DSDT_REVISION,
-        OEM_ID,
-        OEM_TABLE_ID,
-        OEM_REVISION,
-    );
+    let mut dsdt = Sdt::new(*b"DSDT", SDT_HEADER_LEN, DSDT_REVISION, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     dsdt.append_slice(&body);
     Ok(dsdt.as_slice().to_vec())
 }
@@ -430,19 +374,12 @@ fn com1_device() -> Vec<u8> {
     let hid_name = aml::Name::new("_HID".into(), &hid);
     let uid_name = aml::Name::new("_UID".into(), &uid);
     let crs_name = aml::Name::new("_CRS".into(), &crs);
-    aml_bytes(&aml::Device::new(
-        "COM1".into(),
-        vec![&hid_name, &uid_name, &crs_name],
-    ))
+    aml_bytes(&aml::Device::new("COM1".into(), vec![&hid_name, &uid_name, &crs_name]))
 }
 
 /// One `LNRO0005` device (`V000`, `V001`, ...) for a virtio-mmio window.
 fn virtio_device(index: usize, dev: &MmioDevice) -> Result<Vec<u8>, AcpiError> {
-    let window_error = || AcpiError::DeviceWindow {
-        index,
-        base: dev.base,
-        len: dev.len,
-    };
+    let window_error = || AcpiError::DeviceWindow { index, base: dev.base, len: dev.len };
     let base = u32::try_from(dev.base).map_err(|_| window_error())?;
     let len = u32::try_from(dev.len).map_err(|_| window_error())?;
     let uid = u32::try_from(index).map_err(|_| AcpiError::TooManyDevices { count: index })?;
@@ -457,10 +394,7 @@ fn virtio_device(index: usize, dev: &MmioDevice) -> Result<Vec<u8>, AcpiError> {
     let hid_name = aml::Name::new("_HID".into(), &hid);
     let uid_name = aml::Name::new("_UID".into(), &uid);
     let crs_name = aml::Name::new("_CRS".into(), &crs);
-    Ok(aml_bytes(&aml::Device::new(
-        name.as_str().into(),
-        vec![&hid_name, &uid_name, &crs_name],
-    )))
+    Ok(aml_bytes(&aml::Device::new(name.as_str().into(), vec![&hid_name, &uid_name, &crs_name])))
 }
 
 #[cfg(test)]
@@ -483,16 +417,12 @@ mod tests {
     }
 
     fn config(cpu_count: u8, n_devices: usize) -> AcpiConfig {
-        AcpiConfig {
-            cpu_count,
-            virtio_mmio: devices(n_devices),
-        }
+        AcpiConfig { cpu_count, virtio_mmio: devices(n_devices) }
     }
 
     fn read(mem: &GuestMemoryMmap<()>, addr: u64, len: usize) -> Vec<u8> {
         let mut buf = vec![0u8; len];
-        mem.read_slice(&mut buf, GuestAddress(addr))
-            .expect("read guest memory");
+        mem.read_slice(&mut buf, GuestAddress(addr)).expect("read guest memory");
         buf
     }
 
@@ -537,28 +467,16 @@ mod tests {
         let rsdp = read(&mem, rsdp_addr, 36);
         let xsdt = table(&mem, u64_at(&rsdp, 24));
         assert_eq!(&xsdt[0..4], b"XSDT");
-        let entries: Vec<u64> = (36..xsdt.len())
-            .step_by(8)
-            .map(|o| u64_at(&xsdt, o))
-            .collect();
+        let entries: Vec<u64> = (36..xsdt.len()).step_by(8).map(|o| u64_at(&xsdt, o)).collect();
         assert_eq!(entries.len(), 2);
         let fadt = table(&mem, entries[0]);
         let madt = table(&mem, entries[1]);
         let dsdt = table(&mem, u64_at(&fadt, 140));
-        Tables {
-            rsdp,
-            xsdt,
-            fadt,
-            madt,
-            dsdt,
-        }
+        Tables { rsdp, xsdt, fadt, madt, dsdt }
     }
 
     fn count(haystack: &[u8], needle: &[u8]) -> usize {
-        haystack
-            .windows(needle.len())
-            .filter(|w| *w == needle)
-            .count()
+        haystack.windows(needle.len()).filter(|w| *w == needle).count()
     }
 
     #[test]
@@ -579,12 +497,7 @@ mod tests {
             assert_eq!(&t.fadt[0..4], b"FACP");
             assert_eq!(&t.madt[0..4], b"APIC");
             assert_eq!(&t.dsdt[0..4], b"DSDT");
-            for (name, bytes) in [
-                ("XSDT", &t.xsdt),
-                ("FADT", &t.fadt),
-                ("MADT", &t.madt),
-                ("DSDT", &t.dsdt),
-            ] {
+            for (name, bytes) in [("XSDT", &t.xsdt), ("FADT", &t.fadt), ("MADT", &t.madt), ("DSDT", &t.dsdt)] {
                 assert_eq!(sum(bytes), 0, "{name} checksum");
                 assert_eq!(&bytes[10..16], &OEM_ID, "{name} OEM ID");
             }
@@ -677,10 +590,7 @@ mod tests {
             let d = &t.dsdt;
             assert_eq!(count(d, b"_S5_"), 1);
             // Name(\_S5_, Package(4) { BytePrefix SLP_TYP, 0, 0, 0 })
-            let s5 = d
-                .windows(4)
-                .position(|w| w == b"_S5_")
-                .expect("_S5_ present");
+            let s5 = d.windows(4).position(|w| w == b"_S5_").expect("_S5_ present");
             assert_eq!(d[s5 - 1], b'\\');
             assert_eq!(d[s5 + 4], 0x12, "PackageOp");
             assert_eq!(d[s5 + 6], 4, "four elements");
@@ -689,9 +599,7 @@ mod tests {
 
             assert_eq!(count(d, b"_SB_"), 1);
             // EISAID("PNP0501"): compressed "PNP" then 0x05 0x01, as a DWordConst.
-            let pnp: u16 = (u16::from(b'P' - 0x40) << 10)
-                | (u16::from(b'N' - 0x40) << 5)
-                | u16::from(b'P' - 0x40);
+            let pnp: u16 = (u16::from(b'P' - 0x40) << 10) | (u16::from(b'N' - 0x40) << 5) | u16::from(b'P' - 0x40);
             let eisa = [0x0c, (pnp >> 8) as u8, pnp as u8, 0x05, 0x01];
             assert_eq!(count(d, &eisa), 1, "PNP0501");
             // COM1: IO(Decode16, 0x3f8, 0x3f8, 1, 8) and an edge/high/exclusive interrupt 4.
@@ -717,10 +625,7 @@ mod tests {
         let mem = memory();
         for cpus in [0u8, MAX_CPUS + 1, 255] {
             let err = create_acpi_tables(&mem, &config(cpus, 0)).expect_err("bad cpu count");
-            assert!(
-                matches!(err, AcpiError::InvalidCpuCount(c) if c == cpus),
-                "{err}"
-            );
+            assert!(matches!(err, AcpiError::InvalidCpuCount(c) if c == cpus), "{err}");
         }
     }
 
@@ -733,36 +638,22 @@ mod tests {
             irq: layout::IRQ_MAX,
         });
         let err = create_acpi_tables(&memory(), &cfg).expect_err("too many");
-        assert!(
-            matches!(err, AcpiError::TooManyDevices { count } if count == MAX_VIRTIO_DEVICES + 1)
-        );
+        assert!(matches!(err, AcpiError::TooManyDevices { count } if count == MAX_VIRTIO_DEVICES + 1));
     }
 
     #[test]
     fn rejects_bad_device_windows_and_irqs() {
         let mem = memory();
-        let with = |dev: MmioDevice| AcpiConfig {
-            cpu_count: 1,
-            virtio_mmio: vec![dev],
-        };
+        let with = |dev: MmioDevice| AcpiConfig { cpu_count: 1, virtio_mmio: vec![dev] };
         let ok = devices(1)[0];
         for bad in [
             MmioDevice { len: 0, ..ok },
             MmioDevice { base: 0x1000, ..ok },
-            MmioDevice {
-                base: layout::BOOT_TIMER_ADDR,
-                ..ok
-            },
-            MmioDevice {
-                base: u64::MAX - 10,
-                ..ok
-            },
+            MmioDevice { base: layout::BOOT_TIMER_ADDR, ..ok },
+            MmioDevice { base: u64::MAX - 10, ..ok },
         ] {
             let err = create_acpi_tables(&mem, &with(bad)).expect_err("bad window");
-            assert!(
-                matches!(err, AcpiError::DeviceWindow { index: 0, .. }),
-                "{err}"
-            );
+            assert!(matches!(err, AcpiError::DeviceWindow { index: 0, .. }), "{err}");
         }
         for irq in [0, layout::COM1_IRQ, layout::IRQ_MAX + 1] {
             let err = create_acpi_tables(&mem, &with(MmioDevice { irq, ..ok })).expect_err("irq");
@@ -771,24 +662,11 @@ mod tests {
         let mut overlap = config(1, 2);
         overlap.virtio_mmio[1].base = overlap.virtio_mmio[0].base + 0x800;
         let err = create_acpi_tables(&mem, &overlap).expect_err("overlap");
-        assert!(matches!(
-            err,
-            AcpiError::DeviceOverlap {
-                first: 0,
-                second: 1
-            }
-        ));
+        assert!(matches!(err, AcpiError::DeviceOverlap { first: 0, second: 1 }));
         let mut shared = config(1, 3);
         shared.virtio_mmio[2].irq = shared.virtio_mmio[0].irq;
         let err = create_acpi_tables(&mem, &shared).expect_err("shared irq");
-        assert!(matches!(
-            err,
-            AcpiError::DuplicateIrq {
-                first: 0,
-                second: 2,
-                ..
-            }
-        ));
+        assert!(matches!(err, AcpiError::DuplicateIrq { first: 0, second: 2, .. }));
     }
 
     #[test]
@@ -813,12 +691,8 @@ mod tests {
 
     #[test]
     fn guest_memory_without_the_acpi_window_is_an_error() {
-        let small =
-            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x8_0000)]).expect("memory");
+        let small = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x8_0000)]).expect("memory");
         let err = create_acpi_tables(&small, &config(1, 0)).expect_err("no window");
-        assert!(
-            matches!(err, AcpiError::GuestMemory { table: "RSDP", .. }),
-            "{err}"
-        );
+        assert!(matches!(err, AcpiError::GuestMemory { table: "RSDP", .. }), "{err}");
     }
 }

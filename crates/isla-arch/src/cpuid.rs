@@ -21,9 +21,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use kvm_bindings::{
-    kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_MAX_CPUID_ENTRIES,
-};
+use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_MAX_CPUID_ENTRIES};
 
 /// Largest vCPU count the CPUID topology is built for (the MADT's limit as well).
 pub const MAX_CPUS: u8 = crate::acpi::MAX_CPUS;
@@ -100,13 +98,7 @@ pub struct Feature {
 
 impl Feature {
     const fn new(name: &'static str, leaf: u32, subleaf: u32, reg: Reg, bit: u8) -> Self {
-        Feature {
-            name,
-            leaf,
-            subleaf,
-            reg,
-            bit,
-        }
+        Feature { name, leaf, subleaf, reg, bit }
     }
 
     fn mask(&self) -> u32 {
@@ -409,10 +401,10 @@ pub mod features {
 const BASELINE_HIDDEN: &[Feature] = {
     use features::*;
     &[
-        SMAP, SMEP, POPCNT, CX16, XSAVE, OSXSAVE, AVX, AVX2, RDRAND, RDSEED, FSGSBASE, INVPCID,
-        PCID, MOVBE, BMI1, BMI2, LZCNT, PDPE1GB, RDTSCP, PKU, LA57, UMIP, AVX512F, PCLMULQDQ,
-        MONITOR, VMX, FMA, AES, F16C, TSC_ADJUST, HLE, RTM, ADX, CLFLUSHOPT, CLWB, SHA, WAITPKG,
-        VAES, RDPID, FSRM, MD_CLEAR, FLUSH_L1D, XSAVEOPT, XSAVES, PREFETCHW,
+        SMAP, SMEP, POPCNT, CX16, XSAVE, OSXSAVE, AVX, AVX2, RDRAND, RDSEED, FSGSBASE, INVPCID, PCID, MOVBE, BMI1,
+        BMI2, LZCNT, PDPE1GB, RDTSCP, PKU, LA57, UMIP, AVX512F, PCLMULQDQ, MONITOR, VMX, FMA, AES, F16C, TSC_ADJUST,
+        HLE, RTM, ADX, CLFLUSHOPT, CLWB, SHA, WAITPKG, VAES, RDPID, FSRM, MD_CLEAR, FLUSH_L1D, XSAVEOPT, XSAVES,
+        PREFETCHW,
     ]
 };
 
@@ -458,25 +450,17 @@ const LEVEL_TYPE_CORE: u32 = 2;
 const CLFLUSH_LINE_SIZE_QWORDS: u32 = 8;
 
 /// Normalises the CPUID KVM reports as supported (KVM_GET_SUPPORTED_CPUID) for one vCPU, then applies the template.
-pub fn normalize(
-    cpuid: &mut CpuId,
-    template: CpuTemplate,
-    vcpu_id: u8,
-    cpu_count: u8,
-) -> Result<(), CpuidError> {
+pub fn normalize(cpuid: &mut CpuId, template: CpuTemplate, vcpu_id: u8, cpu_count: u8) -> Result<(), CpuidError> {
     if cpu_count == 0 || cpu_count > MAX_CPUS {
         return Err(CpuidError::InvalidCpuCount(cpu_count));
     }
     if vcpu_id >= cpu_count {
         return Err(CpuidError::InvalidVcpuId { vcpu_id, cpu_count });
     }
-    let max_basic_leaf = find(cpuid, LEAF_VENDOR, 0)
-        .map(|e| e.eax)
-        .ok_or(CpuidError::MissingLeaf { leaf: LEAF_VENDOR })?;
+    let max_basic_leaf =
+        find(cpuid, LEAF_VENDOR, 0).map(|e| e.eax).ok_or(CpuidError::MissingLeaf { leaf: LEAF_VENDOR })?;
     if find(cpuid, LEAF_FEATURES, 0).is_none() {
-        return Err(CpuidError::MissingLeaf {
-            leaf: LEAF_FEATURES,
-        });
+        return Err(CpuidError::MissingLeaf { leaf: LEAF_FEATURES });
     }
 
     let vcpu = u32::from(vcpu_id);
@@ -512,10 +496,62 @@ pub fn hidden_features(template: CpuTemplate) -> &'static [Feature] {
     }
 }
 
+/// Linux's capability number (`word * 32 + bit`, as in arch/x86/include/asm/cpufeatures.h) of a
+/// CPUID feature, which `clearcpuid=` accepts on every kernel (names need CONFIG_X86_FEATURE_NAMES).
+pub fn linux_cap_number(f: &Feature) -> Option<u16> {
+    let word: u16 = match (f.leaf, f.subleaf, f.reg) {
+        (0x1, 0, Reg::Edx) => 0,
+        (0x8000_0001, 0, Reg::Edx) => 1,
+        (0x1, 0, Reg::Ecx) => 4,
+        (0x8000_0001, 0, Reg::Ecx) => 6,
+        (0x7, 0, Reg::Ebx) => 9,
+        (0xd, 1, Reg::Eax) => 10,
+        (0x7, 1, Reg::Eax) => 12,
+        (0x8000_0008, 0, Reg::Ebx) => 13,
+        (0x7, 0, Reg::Ecx) => 16,
+        (0x7, 0, Reg::Edx) => 18,
+        _ => return None,
+    };
+    Some(word * 32 + u16::from(f.bit))
+}
+
+/// Longest `clearcpuid=` value Linux reads (its parser's buffer is 128 bytes with the NUL).
+pub const CLEARCPUID_MAX: usize = 127;
+
+/// Kernel command-line arguments that make a Linux guest drop the features `template` hides but
+/// the vCPU still shows (`effective` is the CPUID read back from KVM after KVM_SET_CPUID2).
+///
+/// On hosts whose KVM honours KVM_SET_CPUID2 this is empty. Where it does not (nested PVM hosts
+/// answer CPUID from the host), the guest must be told on its command line: `noxsave` (which also
+/// drops AVX and everything else that depends on XSAVE) and `clearcpuid=` with Linux capability
+/// numbers, in the template's order of importance. Returns the arguments and the names of the
+/// features that did not fit in `clearcpuid=`'s buffer.
+pub fn guest_clear_args(template: CpuTemplate, effective: &CpuId) -> (Vec<String>, Vec<&'static str>) {
+    let mut args = Vec::new();
+    let mut numbers = String::new();
+    let mut left_out = Vec::new();
+    for f in hidden_features(template).iter().filter(|f| has_feature(effective, f)) {
+        if *f == features::XSAVE {
+            args.push("noxsave".to_string());
+            continue;
+        }
+        let Some(n) = linux_cap_number(f) else { continue };
+        let item = if numbers.is_empty() { n.to_string() } else { format!(",{n}") };
+        if numbers.len() + item.len() > CLEARCPUID_MAX {
+            left_out.push(f.name);
+        } else {
+            numbers.push_str(&item);
+        }
+    }
+    if !numbers.is_empty() {
+        args.push(format!("clearcpuid={numbers}"));
+    }
+    (args, left_out)
+}
+
 /// Does `entry` answer CPUID with EAX = `leaf`, ECX = `subleaf`?
 fn matches(entry: &kvm_cpuid_entry2, leaf: u32, subleaf: u32) -> bool {
-    entry.function == leaf
-        && (entry.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0 || entry.index == subleaf)
+    entry.function == leaf && (entry.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0 || entry.index == subleaf)
 }
 
 fn find(cpuid: &CpuId, leaf: u32, subleaf: u32) -> Option<&kvm_cpuid_entry2> {
@@ -559,8 +595,7 @@ fn normalize_leaf4(entry: &mut kvm_cpuid_entry2, count: u32) {
     }
     let level = (entry.eax >> 5) & 0x7;
     let sharing = if level >= 3 { count - 1 } else { 0 };
-    entry.eax =
-        (entry.eax & bits(0, 13)) | ((sharing & 0xfff) << 14) | (((count - 1) & 0x3f) << 26);
+    entry.eax = (entry.eax & bits(0, 13)) | ((sharing & 0xfff) << 14) | (((count - 1) & 0x3f) << 26);
 }
 
 /// Number of APIC-ID bits needed to number `count` cores (ceil(log2(count))).
@@ -585,21 +620,12 @@ fn topology_entries(function: u32, vcpu: u32, count: u32) -> [kvm_cpuid_entry2; 
         edx: vcpu,
         ..Default::default()
     };
-    [
-        entry(0, 0, 1, LEVEL_TYPE_SMT),
-        entry(1, bits_for(count), count, LEVEL_TYPE_CORE),
-        entry(2, 0, 0, 0),
-    ]
+    [entry(0, 0, 1, LEVEL_TYPE_SMT), entry(1, bits_for(count), count, LEVEL_TYPE_CORE), entry(2, 0, 0, 0)]
 }
 
 /// Replaces leaf 0xB with our topology (generated when the maximum basic leaf covers it even if
 /// KVM did not report it), and leaf 0x1F, when present, with a mirror of it.
-fn rebuild_topology(
-    cpuid: &mut CpuId,
-    max_basic_leaf: u32,
-    vcpu: u32,
-    count: u32,
-) -> Result<(), CpuidError> {
+fn rebuild_topology(cpuid: &mut CpuId, max_basic_leaf: u32, vcpu: u32, count: u32) -> Result<(), CpuidError> {
     let has = |cpuid: &CpuId, leaf: u32| cpuid.as_slice().iter().any(|e| e.function == leaf);
     let want_b = max_basic_leaf >= LEAF_TOPOLOGY || has(cpuid, LEAF_TOPOLOGY);
     let want_1f = has(cpuid, LEAF_TOPOLOGY_V2);
@@ -651,6 +677,41 @@ fn apply_baseline(entry: &mut kvm_cpuid_entry2) {
 mod tests {
     use super::*;
 
+    #[test]
+    fn linux_cap_numbers_match_cpufeatures_h() {
+        assert_eq!(linux_cap_number(&features::XSAVE), Some(4 * 32 + 26));
+        assert_eq!(linux_cap_number(&features::POPCNT), Some(4 * 32 + 23));
+        assert_eq!(linux_cap_number(&features::SMAP), Some(9 * 32 + 20));
+        assert_eq!(linux_cap_number(&features::UMIP), Some(16 * 32 + 2));
+        assert_eq!(linux_cap_number(&features::RDTSCP), Some(32 + 27));
+        assert_eq!(linux_cap_number(&features::LZCNT), Some(6 * 32 + 5));
+        assert_eq!(linux_cap_number(&features::MD_CLEAR), Some(18 * 32 + 10));
+        assert_eq!(linux_cap_number(&Feature { name: "x", leaf: 0x14, subleaf: 0, reg: Reg::Ebx, bit: 1 }), None);
+    }
+
+    #[test]
+    fn guest_clear_args_only_for_features_the_vcpu_still_shows() {
+        // A vCPU that honoured the template shows nothing hidden: no arguments.
+        let mut honoured = cpuid_from(&intel_entries());
+        normalize(&mut honoured, CpuTemplate::Baseline, 0, 1).unwrap();
+        assert_eq!(guest_clear_args(CpuTemplate::Baseline, &honoured), (vec![], vec![]));
+        // Host template: nothing to hide.
+        assert_eq!(guest_clear_args(CpuTemplate::Host, &cpuid_from(&intel_entries())).0, Vec::<String>::new());
+        // A vCPU that still shows everything (a host that ignores KVM_SET_CPUID2).
+        let (args, left_out) = guest_clear_args(CpuTemplate::Baseline, &cpuid_from(&intel_entries()));
+        assert_eq!(args[0], "noxsave");
+        let list = args[1].strip_prefix("clearcpuid=").unwrap();
+        assert!(list.len() <= CLEARCPUID_MAX);
+        let nums: Vec<u16> = list.split(',').map(|n| n.parse().unwrap()).collect();
+        // The most important ones come first and always fit.
+        assert_eq!(nums[0], 9 * 32 + 20, "SMAP first");
+        for f in [features::POPCNT, features::CX16, features::RDRAND, features::FSGSBASE, features::INVPCID] {
+            assert!(nums.contains(&linux_cap_number(&f).unwrap()), "{}", f.name);
+        }
+        assert!(!nums.contains(&linux_cap_number(&features::XSAVE).unwrap()));
+        assert!(left_out.len() + nums.len() + 1 <= hidden_features(CpuTemplate::Baseline).len());
+    }
+
     const SIG: u32 = KVM_CPUID_FLAG_SIGNIFCANT_INDEX;
     const ONES: u32 = u32::MAX;
 
@@ -695,12 +756,7 @@ mod tests {
             e(0x1f, 0, SIG, [1, 2, 0x100, 0x3a]),
             e(0x1f, 1, SIG, [7, 112, 0x201, 0x3a]),
             e(0x1f, 2, SIG, [7, 112, 0x502, 0x3a]),
-            e(
-                0x4000_0000,
-                0,
-                0,
-                [0x4000_0001, 0x4b4d_564b, 0x564b_4d56, 0x4d],
-            ),
+            e(0x4000_0000, 0, 0, [0x4000_0001, 0x4b4d_564b, 0x564b_4d56, 0x4d]),
             e(0x4000_0001, 0, 0, [0x0100_7afb, 0, 0, 0]),
             e(0x8000_0000, 0, 0, [0x8000_0008, 0, 0, 0]),
             e(0x8000_0001, 0, 0, [0, 0, ONES, ONES]),
@@ -724,12 +780,7 @@ mod tests {
     }
 
     fn all_of(cpuid: &CpuId, leaf: u32) -> Vec<kvm_cpuid_entry2> {
-        let mut v: Vec<_> = cpuid
-            .as_slice()
-            .iter()
-            .filter(|e| e.function == leaf)
-            .copied()
-            .collect();
+        let mut v: Vec<_> = cpuid.as_slice().iter().filter(|e| e.function == leaf).copied().collect();
         v.sort_by_key(|e| e.index);
         v
     }
@@ -790,10 +841,7 @@ mod tests {
                     assert_eq!(t.len(), 3, "leaf {leaf:#x}");
                     let v = u32::from(vcpu);
                     assert_eq!([t[0].eax, t[0].ebx, t[0].ecx, t[0].edx], [0, 1, 0x100, v]);
-                    assert_eq!(
-                        [t[1].eax, t[1].ebx, t[1].ecx, t[1].edx],
-                        [shift, u32::from(count), 0x201, v]
-                    );
+                    assert_eq!([t[1].eax, t[1].ebx, t[1].ecx, t[1].edx], [shift, u32::from(count), 0x201, v]);
                     assert_eq!((t[2].ecx >> 8) & 0xff, 0, "invalid level type");
                     assert_eq!(t[2].ebx, 0);
                     assert_eq!(t[2].edx, v);
@@ -825,13 +873,7 @@ mod tests {
     fn host_template_keeps_host_features() {
         let c = normalized(CpuTemplate::Host, 0, 2);
         assert!(hidden_features(CpuTemplate::Host).is_empty());
-        for f in [
-            features::SMAP,
-            features::POPCNT,
-            features::XSAVE,
-            features::AVX512F,
-            features::CX16,
-        ] {
+        for f in [features::SMAP, features::POPCNT, features::XSAVE, features::AVX512F, features::CX16] {
             assert!(has_feature(&c, &f), "{}", f.name);
         }
         // Every baseline-hidden feature is still there under Host.
@@ -845,9 +887,8 @@ mod tests {
         let c = normalized(CpuTemplate::Baseline, 0, 2);
         let hidden = hidden_features(CpuTemplate::Baseline);
         let required = [
-            "smap", "smep", "popcnt", "cx16", "xsave", "osxsave", "avx", "avx2", "rdrand",
-            "rdseed", "fsgsbase", "invpcid", "pcid", "movbe", "bmi1", "bmi2", "abm", "pdpe1gb",
-            "rdtscp", "pku", "la57", "umip", "avx512f",
+            "smap", "smep", "popcnt", "cx16", "xsave", "osxsave", "avx", "avx2", "rdrand", "rdseed", "fsgsbase",
+            "invpcid", "pcid", "movbe", "bmi1", "bmi2", "abm", "pdpe1gb", "rdtscp", "pku", "la57", "umip", "avx512f",
         ];
         for name in required {
             assert!(hidden.iter().any(|f| f.name == name), "{name} listed");
@@ -912,12 +953,7 @@ mod tests {
             let entries = all_of(&c, leaf);
             assert!(!entries.is_empty());
             for x in entries {
-                assert_eq!(
-                    [x.eax, x.ebx, x.ecx, x.edx],
-                    [0; 4],
-                    "leaf {leaf:#x}.{}",
-                    x.index
-                );
+                assert_eq!([x.eax, x.ebx, x.ecx, x.edx], [0; 4], "leaf {leaf:#x}.{}", x.index);
             }
         }
         // Host keeps them.
@@ -990,20 +1026,14 @@ mod tests {
     #[test]
     fn bad_counts_and_full_tables_are_errors() {
         let mut c = cpuid_from(&intel_entries());
-        assert_eq!(
-            normalize(&mut c, CpuTemplate::Host, 0, 0),
-            Err(CpuidError::InvalidCpuCount(0))
-        );
+        assert_eq!(normalize(&mut c, CpuTemplate::Host, 0, 0), Err(CpuidError::InvalidCpuCount(0)));
         assert_eq!(
             normalize(&mut c, CpuTemplate::Host, 0, MAX_CPUS + 1),
             Err(CpuidError::InvalidCpuCount(MAX_CPUS + 1))
         );
         assert_eq!(
             normalize(&mut c, CpuTemplate::Host, 2, 2),
-            Err(CpuidError::InvalidVcpuId {
-                vcpu_id: 2,
-                cpu_count: 2
-            })
+            Err(CpuidError::InvalidVcpuId { vcpu_id: 2, cpu_count: 2 })
         );
 
         let mut entries = vec![e(0, 0, 0, [0xb, 0, 0, 0]), e(1, 0, 0, [0; 4])];
@@ -1011,10 +1041,7 @@ mod tests {
             entries.push(e(0x4000_0100 + i, 0, 0, [0; 4]));
         }
         let mut full = cpuid_from(&entries);
-        assert_eq!(
-            normalize(&mut full, CpuTemplate::Host, 0, 1),
-            Err(CpuidError::TooManyEntries)
-        );
+        assert_eq!(normalize(&mut full, CpuTemplate::Host, 0, 1), Err(CpuidError::TooManyEntries));
     }
 
     #[test]
@@ -1024,14 +1051,8 @@ mod tests {
             e(7, 1, SIG, [ONES; 4]),
             e(1, 5, 0, [0, 0, features::POPCNT.mask(), 0]),
         ]);
-        assert!(
-            !has_feature(&c, &features::SMAP),
-            "subleaf 1 is not subleaf 0"
-        );
-        assert!(
-            has_feature(&c, &features::POPCNT),
-            "index ignored without the flag"
-        );
+        assert!(!has_feature(&c, &features::SMAP), "subleaf 1 is not subleaf 0");
+        assert!(has_feature(&c, &features::POPCNT), "index ignored without the flag");
         assert!(!has_feature(&c, &features::LM), "missing leaf");
     }
 
@@ -1044,10 +1065,7 @@ mod tests {
         assert_eq!("Baseline".parse::<CpuTemplate>(), Ok(CpuTemplate::Baseline));
         let err = "fast".parse::<CpuTemplate>().expect_err("unknown");
         let msg = err.to_string();
-        assert!(
-            msg.contains("fast") && msg.contains("host") && msg.contains("baseline"),
-            "{msg}"
-        );
+        assert!(msg.contains("fast") && msg.contains("host") && msg.contains("baseline"), "{msg}");
     }
 
     #[test]

@@ -14,9 +14,9 @@ pub struct Kit {
 }
 
 fn cache_dir() -> PathBuf {
-    std::env::var_os("ISLA_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache/isla"))
+    std::env::var_os("ISLA_CACHE").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache/isla")
+    })
 }
 
 /// The guest/ directory of the source tree this binary was built from (or ISLA_GUEST_DIR).
@@ -39,7 +39,11 @@ impl Kit {
                 .with_context(|| format!("{}: no {key}", env.display()))?;
             let p = PathBuf::from(v);
             if !p.exists() {
-                bail!("{}: {key} names {}, which is missing (rebuild with `isla guest build`)", env.display(), p.display());
+                bail!(
+                    "{}: {key} names {}, which is missing (rebuild with `isla guest build`)",
+                    env.display(),
+                    p.display()
+                );
             }
             Ok(p)
         };

@@ -10,7 +10,10 @@ use isla_arch::acpi::{self, AcpiConfig};
 use isla_arch::boot::{self, BootParamsConfig};
 use isla_arch::cpuid::{self, features, CpuTemplate};
 use isla_arch::layout::*;
-use kvm_bindings::{kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region, KVM_CAP_EXIT_ON_EMULATION_FAILURE, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region, KVM_CAP_EXIT_ON_EMULATION_FAILURE,
+    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VmFd};
 use linux_loader::loader::{bootparam::setup_header, bzimage::BzImage, elf::Elf, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -43,7 +46,9 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     let template = cfg.cpu_template.resolve();
     let format = KernelFormat::detect(&cfg.kernel)?;
 
-    let kvm = Kvm::new().map_err(|e| VmmError::Setup(format!("cannot open /dev/kvm: {e} (is KVM available, and are you root or in group kvm?)")))?;
+    let kvm = Kvm::new().map_err(|e| {
+        VmmError::Setup(format!("cannot open /dev/kvm: {e} (is KVM available, and are you root or in group kvm?)"))
+    })?;
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     let mem = create_memory(&vm, cfg.memory, &shared)?;
     vm.set_tss_address(KVM_TSS_ADDR as usize).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
@@ -58,22 +63,6 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
 
     let kernel = load_kernel(&mem, cfg, format)?;
     let initrd = load_initrd(&mem, cfg, &kernel)?;
-    let mut cmdline = cfg.cmdline.clone().into_bytes();
-    cmdline.push(0);
-    mem.write_slice(&cmdline, GuestAddress(CMDLINE_START))
-        .map_err(|e| VmmError::Setup(format!("command line: {e}")))?;
-    boot::write_boot_tables(&mem).map_err(|e| VmmError::Setup(e.to_string()))?;
-    let rsdp = acpi::create_acpi_tables(&mem, &AcpiConfig { cpu_count: cfg.vcpus, virtio_mmio: Vec::new() })
-        .map_err(|e| VmmError::Setup(format!("ACPI tables: {e}")))?;
-    let params = boot::build_boot_params(&BootParamsConfig {
-        setup_header: kernel.header,
-        cmdline_len: cfg.cmdline.len(),
-        initrd,
-        ram: ram_regions(cfg.memory),
-        rsdp: Some(rsdp),
-    })
-    .map_err(|e| VmmError::Setup(e.to_string()))?;
-    boot::write_boot_params(&mem, &params).map_err(|e| VmmError::Setup(e.to_string()))?;
 
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::Setup(format!("eventfd: {e}")))?;
     vm.register_irqfd(&serial_irq, COM1_IRQ).map_err(kvm_err("KVM_IRQFD"))?;
@@ -82,16 +71,55 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
 
     let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
     let mut vcpus = Vec::new();
+    let mut cpuid_fixups = Vec::new();
     for id in 0..cfg.vcpus {
         let fd = vm.create_vcpu(u64::from(id)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
         let cpuid = vcpu::cpuid_for(&supported, template, id, cfg.vcpus)?;
-        vcpu::configure(&fd, id, &cpuid, (id == 0).then_some(kernel.entry))?;
+        let effective = vcpu::configure(&fd, id, &cpuid, (id == 0).then_some(kernel.entry))?;
+        if id == 0 {
+            let (args, left_out) = cpuid::guest_clear_args(template, &effective);
+            if !args.is_empty() {
+                tracing::info!("KVM did not apply the {template} CPUID template; telling the guest kernel: {}", args.join(" "));
+            }
+            if !left_out.is_empty() {
+                tracing::warn!("CPU features still visible to the guest (no room in clearcpuid=): {}", left_out.join(", "));
+            }
+            cpuid_fixups = args;
+        }
         let fallback = cfg.insn_fallback.then(|| isla_insn::Options {
             bmi1: cpuid::has_feature(&cpuid, &features::BMI1),
             lzcnt: cpuid::has_feature(&cpuid, &features::LZCNT),
         });
         vcpus.push(Vcpu::new(id, fd, devices.clone(), shared.clone(), mem.clone(), fallback));
     }
+
+    let mut cmdline = cfg.cmdline.clone();
+    for a in &cpuid_fixups {
+        cmdline.push(' ');
+        cmdline.push_str(a);
+    }
+    if cmdline.len() + 1 > CMDLINE_MAX_SIZE {
+        return Err(VmmError::Config(crate::config::ConfigError::Invalid {
+            option: "--cmdline",
+            reason: format!("with the CPU template's additions ({}) it exceeds {} bytes", cpuid_fixups.join(" "), CMDLINE_MAX_SIZE - 1),
+        }));
+    }
+    let mut cmdline_bytes = cmdline.clone().into_bytes();
+    cmdline_bytes.push(0);
+    mem.write_slice(&cmdline_bytes, GuestAddress(CMDLINE_START))
+        .map_err(|e| VmmError::Setup(format!("command line: {e}")))?;
+    boot::write_boot_tables(&mem).map_err(|e| VmmError::Setup(e.to_string()))?;
+    let rsdp = acpi::create_acpi_tables(&mem, &AcpiConfig { cpu_count: cfg.vcpus, virtio_mmio: Vec::new() })
+        .map_err(|e| VmmError::Setup(format!("ACPI tables: {e}")))?;
+    let params = boot::build_boot_params(&BootParamsConfig {
+        setup_header: kernel.header,
+        cmdline_len: cmdline.len(),
+        initrd,
+        ram: ram_regions(cfg.memory),
+        rsdp: Some(rsdp),
+    })
+    .map_err(|e| VmmError::Setup(e.to_string()))?;
+    boot::write_boot_params(&mem, &params).map_err(|e| VmmError::Setup(e.to_string()))?;
 
     // Kicks a vCPU thread out of KVM_RUN; the handler itself does nothing.
     extern "C" fn kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
@@ -100,7 +128,10 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     let mut threads = Vec::new();
     for v in vcpus {
         let name = format!("isla-vcpu{}", v.id);
-        let t = std::thread::Builder::new().name(name).spawn(move || v.run()).map_err(|e| VmmError::Setup(format!("vCPU thread: {e}")))?;
+        let t = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || v.run())
+            .map_err(|e| VmmError::Setup(format!("vCPU thread: {e}")))?;
         threads.push(t);
     }
     if cfg.console == ConsoleConfig::Stdio {
@@ -126,12 +157,14 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     if let Ok(mut s) = devices.serial.lock() {
         let _ = s.writer_mut().flush();
     }
-    Ok(RunReport::new(cfg, format, template, emulation_exits, &shared, exit, all_joined))
+    Ok(RunReport::new(cfg, &cmdline, format, template, emulation_exits, &shared, exit, all_joined))
 }
 
 fn create_memory(vm: &VmFd, size: u64, shared: &VmShared) -> Result<GuestMemoryMmap, VmmError> {
-    let ranges: Vec<(GuestAddress, usize)> = ram_regions(size).into_iter().map(|(s, l)| (GuestAddress(s), l as usize)).collect();
-    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmmError::Setup(format!("guest memory ({} MiB): {e}", size >> 20)))?;
+    let ranges: Vec<(GuestAddress, usize)> =
+        ram_regions(size).into_iter().map(|(s, l)| (GuestAddress(s), l as usize)).collect();
+    let mem = GuestMemoryMmap::from_ranges(&ranges)
+        .map_err(|e| VmmError::Setup(format!("guest memory ({} MiB): {e}", size >> 20)))?;
     let mut host_ranges = Vec::new();
     for (slot, region) in mem.iter().enumerate() {
         let host = region.as_ptr() as u64;
@@ -152,7 +185,9 @@ fn create_memory(vm: &VmFd, size: u64, shared: &VmShared) -> Result<GuestMemoryM
 }
 
 fn open(path: &std::path::Path, option: &'static str) -> Result<File, VmmError> {
-    File::open(path).map_err(|e| VmmError::Config(crate::config::ConfigError::File { option, path: path.into(), reason: e.to_string() }))
+    File::open(path).map_err(|e| {
+        VmmError::Config(crate::config::ConfigError::File { option, path: path.into(), reason: e.to_string() })
+    })
 }
 
 fn load_kernel(mem: &GuestMemoryMmap, cfg: &VmConfig, format: KernelFormat) -> Result<Kernel, VmmError> {
@@ -166,12 +201,15 @@ fn load_kernel(mem: &GuestMemoryMmap, cfg: &VmConfig, format: KernelFormat) -> R
         }
         KernelFormat::BzImage => {
             let r = BzImage::load(mem, None, &mut f, himem).map_err(bad)?;
-            let hdr = r.setup_header.ok_or_else(|| VmmError::Kernel { path: cfg.kernel.clone(), reason: "no setup header".into() })?;
+            let hdr = r
+                .setup_header
+                .ok_or_else(|| VmmError::Kernel { path: cfg.kernel.clone(), reason: "no setup header".into() })?;
             const XLF_KERNEL_64: u16 = 1;
             if hdr.xloadflags & XLF_KERNEL_64 == 0 {
                 return Err(VmmError::Kernel {
                     path: cfg.kernel.clone(),
-                    reason: "this bzImage has no 64-bit entry point (XLF_KERNEL_64); isla boots 64-bit kernels only".into(),
+                    reason: "this bzImage has no 64-bit entry point (XLF_KERNEL_64); isla boots 64-bit kernels only"
+                        .into(),
                 });
             }
             // The kernel decompresses itself to its preferred address and needs init_size bytes there.
@@ -187,8 +225,9 @@ fn load_initrd(mem: &GuestMemoryMmap, cfg: &VmConfig, kernel: &Kernel) -> Result
     open(path, "--initrd")?.read_to_end(&mut data).map_err(|e| VmmError::Setup(format!("{}: {e}", path.display())))?;
     let low_end = ram_regions(cfg.memory)[0].1;
     let addr_max = kernel.header.map_or(0x37ff_ffff, |h| u64::from(h.initrd_addr_max)).max(0x37ff_ffff);
-    let addr = boot::initrd_address(low_end, data.len() as u64, addr_max, kernel.end)
-        .map_err(|e| VmmError::Config(crate::config::ConfigError::Invalid { option: "--initrd", reason: e.to_string() }))?;
+    let addr = boot::initrd_address(low_end, data.len() as u64, addr_max, kernel.end).map_err(|e| {
+        VmmError::Config(crate::config::ConfigError::Invalid { option: "--initrd", reason: e.to_string() })
+    })?;
     mem.write_slice(&data, GuestAddress(addr)).map_err(|e| VmmError::Setup(format!("initrd: {e}")))?;
     Ok(Some((addr, data.len() as u64)))
 }

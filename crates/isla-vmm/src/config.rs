@@ -61,10 +61,9 @@ impl FromStr for TemplateChoice {
         if s == "auto" {
             return Ok(TemplateChoice::Auto);
         }
-        CpuTemplate::from_str(s).map(TemplateChoice::Fixed).map_err(|e| ConfigError::Invalid {
-            option: "--cpu-template",
-            reason: format!("{e} (or `auto`)"),
-        })
+        CpuTemplate::from_str(s)
+            .map(TemplateChoice::Fixed)
+            .map_err(|e| ConfigError::Invalid { option: "--cpu-template", reason: format!("{e} (or `auto`)") })
     }
 }
 
@@ -194,11 +193,7 @@ impl VmConfig {
             if self.memory > host {
                 return Err(ConfigError::Invalid {
                     option: "--memory",
-                    reason: format!(
-                        "{} MiB is more than this host has ({} MiB)",
-                        self.memory >> 20,
-                        host >> 20
-                    ),
+                    reason: format!("{} MiB is more than this host has ({} MiB)", self.memory >> 20, host >> 20),
                 });
             }
         }
@@ -215,7 +210,11 @@ impl VmConfig {
         if let Some(initrd) = &self.initrd {
             let meta = std::fs::metadata(initrd).map_err(|e| file_err("--initrd", initrd, e))?;
             if !meta.is_file() {
-                return Err(ConfigError::File { option: "--initrd", path: initrd.clone(), reason: "not a regular file".into() });
+                return Err(ConfigError::File {
+                    option: "--initrd",
+                    path: initrd.clone(),
+                    reason: "not a regular file".into(),
+                });
             }
         }
         Ok(())

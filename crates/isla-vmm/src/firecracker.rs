@@ -213,7 +213,12 @@ mod tests {
         assert_eq!(c.memory, 1024 << 20);
         assert_eq!(
             c.drives,
-            vec![DriveConfig { id: "rootfs".into(), path: "hello-rootfs.ext4".into(), is_root: true, read_only: false }]
+            vec![DriveConfig {
+                id: "rootfs".into(),
+                path: "hello-rootfs.ext4".into(),
+                is_root: true,
+                read_only: false
+            }]
         );
         assert!(c.net.is_empty());
         assert_eq!(c.initrd, None);
@@ -247,7 +252,9 @@ mod tests {
 
     #[test]
     fn unsupported_features_are_refused_by_name() {
-        let e = parse(r#"{"boot-source":{"kernel_image_path":"k"},"balloon":{"amount_mib":1}}"#, p()).unwrap_err().to_string();
+        let e = parse(r#"{"boot-source":{"kernel_image_path":"k"},"balloon":{"amount_mib":1}}"#, p())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("`balloon` is not supported"), "{e}");
         let e = parse(r#"{"boot-source":{"kernel_image_path":"k"},"machine-config":{"vcpu_count":1,"mem_size_mib":64,"cpu_template":"T2"}}"#, p())
             .unwrap_err()
@@ -270,9 +277,12 @@ mod tests {
     fn malformed_json_has_a_position() {
         let e = parse("{\n \"boot-source\": {\n", p()).unwrap_err().to_string();
         assert!(e.starts_with("config.json:") && e.contains("line"), "{e}");
-        let e = parse(r#"{"boot-source":{"kernel_image_path":"k"},"machine-config":{"vcpu_count":-1,"mem_size_mib":64}}"#, p())
-            .unwrap_err()
-            .to_string();
+        let e = parse(
+            r#"{"boot-source":{"kernel_image_path":"k"},"machine-config":{"vcpu_count":-1,"mem_size_mib":64}}"#,
+            p(),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("vcpu_count") || e.contains("invalid value"), "{e}");
         assert!(parse("{}", p()).unwrap_err().to_string().contains("boot-source"));
     }

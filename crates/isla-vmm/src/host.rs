@@ -45,7 +45,8 @@ pub fn process_start_us() -> u64 {
     }
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     // Field 22 (starttime) counts clock ticks since boot; fields after the ")" of comm.
-    let start_ticks: Option<u64> = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(19)?.parse().ok());
+    let start_ticks: Option<u64> =
+        stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(19)?.parse().ok());
     // SAFETY: sysconf has no memory effects.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     match start_ticks {

@@ -1,7 +1,9 @@
 //! Reads the exit data KVM leaves in the shared `kvm_run` page for the exits kvm-ioctls reports
 //! without detail (internal errors). All union access of this crate is here.
 
-use kvm_bindings::{kvm_run, KVM_EXIT_INTERNAL_ERROR, KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES};
+use kvm_bindings::{
+    kvm_run, KVM_EXIT_INTERNAL_ERROR, KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
+};
 
 /// Details of a KVM_EXIT_INTERNAL_ERROR.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -55,6 +55,8 @@ pub struct RunReport {
     pub memory_mib: u64,
     /// CPU template applied.
     pub cpu_template: String,
+    /// The command line the guest got (the configured one plus any CPU-template additions).
+    pub cmdline: String,
     /// Host KVM is nested (PVM).
     pub nested_host: bool,
     /// KVM_CAP_EXIT_ON_EMULATION_FAILURE was available and enabled.
@@ -74,8 +76,10 @@ pub struct RunReport {
 }
 
 impl RunReport {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         cfg: &VmConfig,
+        cmdline: &str,
         format: KernelFormat,
         template: CpuTemplate,
         emulation_failure_exits: bool,
@@ -112,6 +116,7 @@ impl RunReport {
             vcpus: cfg.vcpus,
             memory_mib: cfg.memory >> 20,
             cpu_template: template.to_string(),
+            cmdline: cmdline.to_string(),
             nested_host: crate::host::is_nested_pvm(),
             emulation_failure_exits,
             phases,

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use isla_arch::boot;
 use isla_arch::cpuid::{self, CpuTemplate};
 use isla_insn::{InsnError, Machine};
-use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_sregs, CpuId, Msrs, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_bindings::{
+    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_sregs, CpuId, Msrs, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -19,12 +21,16 @@ use crate::state::{GuestExit, VmShared};
 use crate::VmmError;
 
 /// Configures one vCPU: CPUID for its id, boot MSRs, LAPIC virtual wire, and for the boot vCPU
-/// the long-mode registers at `entry`.
-pub fn configure(fd: &VcpuFd, id: u8, cpuid: &CpuId, boot_entry: Option<u64>) -> Result<(), VmmError> {
+/// the long-mode registers at `entry`. Returns the CPUID as KVM reports it back (what the guest sees).
+pub fn configure(fd: &VcpuFd, id: u8, cpuid: &CpuId, boot_entry: Option<u64>) -> Result<CpuId, VmmError> {
     let kvm = |what: &'static str| move |e: kvm_ioctls::Error| VmmError::Kvm { what, source: e };
     fd.set_cpuid2(cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
-    let entries: Vec<kvm_msr_entry> =
-        boot::boot_msrs().into_iter().map(|(index, data)| kvm_msr_entry { index, data, ..Default::default() }).collect();
+    // What the vCPU really shows: some hosts (nested PVM) answer CPUID from the host whatever was set.
+    let effective = fd.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES).map_err(kvm("KVM_GET_CPUID2"))?;
+    let entries: Vec<kvm_msr_entry> = boot::boot_msrs()
+        .into_iter()
+        .map(|(index, data)| kvm_msr_entry { index, data, ..Default::default() })
+        .collect();
     let msrs = Msrs::from_entries(&entries).map_err(|e| VmmError::Setup(format!("MSR list: {e:?}")))?;
     let n = fd.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
     if n != entries.len() {
@@ -33,7 +39,8 @@ pub fn configure(fd: &VcpuFd, id: u8, cpuid: &CpuId, boot_entry: Option<u64>) ->
     }
     let mut lapic = fd.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?;
     // SAFETY: kvm_lapic_state.regs is a plain 1 KiB byte array; reinterpreting c_char as u8 is sound.
-    let regs: &mut [u8] = unsafe { std::slice::from_raw_parts_mut(lapic.regs.as_mut_ptr().cast::<u8>(), lapic.regs.len()) };
+    let regs: &mut [u8] =
+        unsafe { std::slice::from_raw_parts_mut(lapic.regs.as_mut_ptr().cast::<u8>(), lapic.regs.len()) };
     boot::set_lapic_virtual_wire(regs);
     fd.set_lapic(&lapic).map_err(kvm("KVM_SET_LAPIC"))?;
     if let Some(entry) = boot_entry {
@@ -43,7 +50,7 @@ pub fn configure(fd: &VcpuFd, id: u8, cpuid: &CpuId, boot_entry: Option<u64>) ->
         fd.set_regs(&boot::boot_regs(entry)).map_err(kvm("KVM_SET_REGS"))?;
         fd.set_fpu(&boot::boot_fpu()).map_err(kvm("KVM_SET_FPU"))?;
     }
-    Ok(())
+    Ok(effective)
 }
 
 /// Builds the CPUID of vCPU `id` from what KVM supports.
@@ -79,7 +86,14 @@ enum Next {
 
 impl Vcpu {
     /// A vCPU ready to run.
-    pub fn new(id: u8, fd: VcpuFd, devices: Arc<Devices>, shared: Arc<VmShared>, mem: GuestMemoryMmap, fallback: Option<isla_insn::Options>) -> Self {
+    pub fn new(
+        id: u8,
+        fd: VcpuFd,
+        devices: Arc<Devices>,
+        shared: Arc<VmShared>,
+        mem: GuestMemoryMmap,
+        fallback: Option<isla_insn::Options>,
+    ) -> Self {
         Vcpu { id, fd, devices, shared, mem, fallback, exits: BTreeMap::new(), emulated: BTreeMap::new() }
     }
 
@@ -115,14 +129,21 @@ impl Vcpu {
             Ok(VcpuExit::MmioWrite(addr, data)) => ("mmio-write", devices.mmio_write(addr, data), Next::Continue),
             Ok(VcpuExit::Shutdown) => ("shutdown", "", Next::Exit(GuestExit::TripleFault)),
             Ok(VcpuExit::Hlt) => ("hlt", "", Next::Exit(GuestExit::Poweroff { via: "hlt" })),
-            Ok(VcpuExit::SystemEvent(t, _)) if t == KVM_SYSTEM_EVENT_SHUTDOWN => ("system-event", "", Next::Exit(GuestExit::Poweroff { via: "system-event" })),
-            Ok(VcpuExit::SystemEvent(t, _)) if t == KVM_SYSTEM_EVENT_RESET => ("system-event", "", Next::Exit(GuestExit::Reboot { via: "system-event" })),
+            Ok(VcpuExit::SystemEvent(t, _)) if t == KVM_SYSTEM_EVENT_SHUTDOWN => {
+                ("system-event", "", Next::Exit(GuestExit::Poweroff { via: "system-event" }))
+            }
+            Ok(VcpuExit::SystemEvent(t, _)) if t == KVM_SYSTEM_EVENT_RESET => {
+                ("system-event", "", Next::Exit(GuestExit::Reboot { via: "system-event" }))
+            }
             Ok(VcpuExit::InternalError) => ("internal-error", "", Next::InternalError),
             Ok(VcpuExit::FailEntry(reason, cpu)) => (
                 "fail-entry",
                 "",
                 Next::Exit(GuestExit::Error {
-                    message: format!("vCPU {}: KVM_EXIT_FAIL_ENTRY, hardware entry failure reason {reason:#x} on host CPU {cpu}", self.id),
+                    message: format!(
+                        "vCPU {}: KVM_EXIT_FAIL_ENTRY, hardware entry failure reason {reason:#x} on host CPU {cpu}",
+                        self.id
+                    ),
                 }),
             ),
             Ok(other) => {
@@ -130,7 +151,11 @@ impl Vcpu {
                 ("other", "", Next::Exit(GuestExit::Error { message }))
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => ("interrupted", "", Next::Continue),
-            Err(e) => ("error", "", Next::Exit(GuestExit::Error { message: format!("vCPU {}: KVM_RUN failed: {e}", self.id) })),
+            Err(e) => (
+                "error",
+                "",
+                Next::Exit(GuestExit::Error { message: format!("vCPU {}: KVM_RUN failed: {e}", self.id) }),
+            ),
         };
         self.count(kind, target);
         next
@@ -149,7 +174,10 @@ impl Vcpu {
         let name = kvm_exit::suberror_name(info.suberror);
         if info.suberror != kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
             return Next::Exit(GuestExit::Error {
-                message: format!("vCPU {}: KVM internal error {} ({name}) at RIP {rip:#x}, data {:x?}", self.id, info.suberror, info.data),
+                message: format!(
+                    "vCPU {}: KVM internal error {} ({name}) at RIP {rip:#x}, data {:x?}",
+                    self.id, info.suberror, info.data
+                ),
             });
         }
         let bytes = match info.insn {
@@ -219,7 +247,13 @@ impl KvmMachine<'_> {
     }
 
     /// Walks `len` bytes at `gva` page by page, calling `f(offset, gpa, n)` for each piece.
-    fn each_page(&self, gva: u64, len: usize, write: bool, mut f: impl FnMut(usize, u64, usize) -> Result<(), InsnError>) -> Result<(), InsnError> {
+    fn each_page(
+        &self,
+        gva: u64,
+        len: usize,
+        write: bool,
+        mut f: impl FnMut(usize, u64, usize) -> Result<(), InsnError>,
+    ) -> Result<(), InsnError> {
         let mut done = 0usize;
         while done < len {
             let va = gva.wrapping_add(done as u64);
@@ -276,11 +310,12 @@ impl Machine for KvmMachine<'_> {
             return Err(InsnError::Memory { gva, reason: "cmpxchg16b operand is not 16-byte aligned".into() });
         }
         let gpa = self.translate(gva, true)?;
-        let slice = self
-            .mem
-            .get_slice(GuestAddress(gpa), 16)
-            .map_err(|e| InsnError::Memory { gva, reason: e.to_string() })?;
-        let ptr = slice.ptr_guard_mut().as_ptr().cast::<u128>();
-        crate::atomic::cmpxchg16b(ptr, expected, new).ok_or_else(|| InsnError::Vcpu("the host CPU lacks cmpxchg16b".into()))
+        let slice =
+            self.mem.get_slice(GuestAddress(gpa), 16).map_err(|e| InsnError::Memory { gva, reason: e.to_string() })?;
+        let guard = slice.ptr_guard_mut();
+        // SAFETY: the pointer comes from a 16-byte slice of guest memory, which stays mapped while
+        // the vCPU threads run (they hold `mem`); the guest itself accesses it only atomically.
+        unsafe { isla_insn::atomic::cmpxchg16b(guard.as_ptr(), expected, new) }
+            .ok_or_else(|| InsnError::Vcpu("the host CPU lacks cmpxchg16b".into()))
     }
 }

@@ -111,7 +111,10 @@ mod tests {
         let sink = Sink::default();
         let mut c = Console::new(Box::new(sink.clone()), shared.clone(), Some("Run /init".into()));
         c.write_all(b"[    0.000000] Linux version 6.1\r\n[    2.5] Run /init as init process\n").unwrap();
-        assert_eq!(&*sink.0.lock().unwrap(), b"[    0.000000] Linux version 6.1\r\n[    2.5] Run /init as init process\n");
+        assert_eq!(
+            &*sink.0.lock().unwrap(),
+            b"[    0.000000] Linux version 6.1\r\n[    2.5] Run /init as init process\n"
+        );
         let names: Vec<_> = shared.milestones().iter().map(|m| m.name).collect();
         assert_eq!(names, vec!["kernel_banner", "init_exec"]);
         assert_eq!(shared.milestones()[1].guest_time_s, Some(2.5));

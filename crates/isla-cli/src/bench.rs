@@ -1,0 +1,158 @@
+//! `isla vm bench`: boots the same microVM several times, each in a fresh monitor process (as a
+//! user would start it), and reports the boot phases and the monitor's memory with median and
+//! spread. `isla lab` reuses it.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde_json::Value;
+
+use crate::kit::Kit;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Kernel (default: the guest kit's vmlinux).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initrd (default: the guest kit's initramfs).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Boots to measure.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u8,
+    /// Guest memory.
+    #[arg(long, default_value = "128M")]
+    memory: String,
+    /// Kernel command line (default: the monitor's).
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Write every run's report and the summary as JSON here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// Median, minimum and maximum of the samples.
+pub fn stats(samples: &[f64]) -> Option<(f64, f64, f64)> {
+    if samples.is_empty() {
+        return None;
+    }
+    let mut s = samples.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let n = s.len();
+    let median = if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 };
+    Some((median, s[0], s[n - 1]))
+}
+
+const METRICS: &[(&str, &str, &str)] = &[
+    ("process start -> boot start", "/phases/vmm_start_to_boot_start_ms", "ms"),
+    ("boot start -> kernel banner", "/phases/boot_start_to_kernel_banner_ms", "ms"),
+    ("boot start -> init exec", "/phases/boot_start_to_init_exec_ms", "ms"),
+    ("boot start -> init marker", "/phases/boot_start_to_boot_marker_ms", "ms"),
+    ("process start -> init marker", "/phases/process_start_to_boot_marker_ms", "ms"),
+    ("monitor overhead (Pss - guest)", "/memory/vmm_overhead_pss_kib", "KiB"),
+    ("guest memory touched (Pss)", "/memory/guest_touched_pss_kib", "KiB"),
+];
+
+pub fn run(a: &BenchArgs) -> Result<()> {
+    if a.runs == 0 {
+        bail!("--runs: at least 1");
+    }
+    let (kernel, initrd) = match (&a.kernel, &a.initrd) {
+        (Some(k), i) => (k.clone(), i.clone()),
+        (None, i) => {
+            let kit = Kit::find()?;
+            (kit.vmlinux, i.clone().or(Some(kit.initramfs)))
+        }
+    };
+    let exe = std::env::current_exe().context("finding the isla binary")?;
+    let dir = std::env::temp_dir().join(format!("isla-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut reports = Vec::new();
+    for i in 0..a.runs {
+        let report = dir.join(format!("run{i}.json"));
+        let mut cmd = Command::new(&exe);
+        cmd.args(["vm", "run", "--quiet", "--console", "null", "--stop-on-console", "Kernel panic"])
+            .args(["--cpus", &a.cpus.to_string(), "--memory", &a.memory])
+            .arg("--kernel")
+            .arg(&kernel)
+            .arg("--report")
+            .arg(&report);
+        if let Some(i) = &initrd {
+            cmd.arg("--initrd").arg(i);
+        }
+        if let Some(c) = &a.cmdline {
+            cmd.args(["--cmdline", c]);
+        }
+        cmd.env("ISLA_START_TIME_US", isla_vmm::host::now_us().to_string());
+        let status = cmd.status().context("starting the monitor")?;
+        let text = std::fs::read_to_string(&report).with_context(|| format!("run {i}: no report ({status})"))?;
+        let v: Value = serde_json::from_str(&text)?;
+        let exit = v.pointer("/exit/status").and_then(Value::as_str).unwrap_or("?").to_string();
+        eprintln!(
+            "run {}/{}: {exit}, init exec at {} ms",
+            i + 1,
+            a.runs,
+            v.pointer("/phases/boot_start_to_init_exec_ms")
+                .and_then(Value::as_f64)
+                .map_or("-".into(), |x| format!("{x:.0}"))
+        );
+        if exit == "error" {
+            bail!("run {i} failed: {}", v.pointer("/exit/message").and_then(Value::as_str).unwrap_or(""));
+        }
+        reports.push(v);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let first = &reports[0];
+    println!(
+        "isla microVM boot: {} vCPU, {} MiB, kernel {} ({}), template {}, {} host, {} run(s)",
+        a.cpus,
+        first.pointer("/memory_mib").and_then(Value::as_u64).unwrap_or(0),
+        kernel.display(),
+        first.pointer("/kernel_format").and_then(Value::as_str).unwrap_or("?"),
+        first.pointer("/cpu_template").and_then(Value::as_str).unwrap_or("?"),
+        if first.pointer("/nested_host").and_then(Value::as_bool) == Some(true) {
+            "nested (PVM)"
+        } else {
+            "hardware KVM"
+        },
+        a.runs
+    );
+    println!("{:<34} {:>12} {:>12} {:>12}", "metric", "median", "min", "max");
+    let mut summary = serde_json::Map::new();
+    for (name, ptr, unit) in METRICS {
+        let samples: Vec<f64> = reports.iter().filter_map(|r| r.pointer(ptr).and_then(Value::as_f64)).collect();
+        match stats(&samples) {
+            Some((med, min, max)) => {
+                println!("{name:<34} {med:>9.1} {unit:<2} {min:>9.1} {unit:<2} {max:>9.1} {unit:<2}");
+                summary.insert(
+                    ptr.to_string(),
+                    serde_json::json!({"median": med, "min": min, "max": max, "samples": samples}),
+                );
+            }
+            None => println!("{name:<34} {:>12}", "not reached"),
+        }
+    }
+    if let Some(out) = &a.out {
+        let doc = serde_json::json!({"summary": summary, "runs": reports});
+        std::fs::write(out, serde_json::to_string_pretty(&doc)?).with_context(|| format!("--out {}", out.display()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_and_spread() {
+        assert_eq!(stats(&[]), None);
+        assert_eq!(stats(&[3.0]), Some((3.0, 3.0, 3.0)));
+        assert_eq!(stats(&[5.0, 1.0, 3.0]), Some((3.0, 1.0, 5.0)));
+        assert_eq!(stats(&[4.0, 1.0, 3.0, 2.0]), Some((2.5, 1.0, 4.0)));
+    }
+}
