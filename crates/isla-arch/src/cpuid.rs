@@ -429,6 +429,14 @@ const BASELINE_EXT1_EDX: u32 = 1 << 11 | 1 << 20 | 1 << 29;
 
 /// Leaves [`CpuTemplate::Baseline`] zeroes entirely: XSAVE state (0xD), RDT monitoring (0xF) and
 /// allocation (0x10), SGX (0x12), processor trace (0x14).
+/// KVM paravirtual features that work through hypercalls (leaf 0x40000001 EAX): PV_UNHALT (7,
+/// the pv-spinlock kick), PV_SEND_IPI (11) and PV_SCHED_YIELD (13). Baseline hides them: on hosts
+/// where the guest kernel is emulated a hypercall never completes, and the kernel falls back to
+/// plain APIC IPIs and spinlocks. Features that use shared memory or MSRs (kvmclock, PV TLB flush,
+/// async page faults) stay.
+pub const BASELINE_KVM_HYPERCALL_FEATURES: u32 = 1 << 7 | 1 << 11 | 1 << 13;
+const LEAF_KVM_FEATURES: u32 = 0x4000_0001;
+
 const BASELINE_ZEROED_LEAVES: &[u32] = &[0xd, 0xf, 0x10, 0x12, 0x14];
 
 const LEAF_VENDOR: u32 = 0;
@@ -669,6 +677,7 @@ fn apply_baseline(entry: &mut kvm_cpuid_entry2) {
             entry.edx &= BASELINE_EXT1_EDX;
         }
         LEAF_ADDR_SIZES => entry.ebx = 0,
+        LEAF_KVM_FEATURES => entry.eax &= !BASELINE_KVM_HYPERCALL_FEATURES,
         _ => {}
     }
 }
@@ -676,6 +685,19 @@ fn apply_baseline(entry: &mut kvm_cpuid_entry2) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn baseline_drops_hypercall_features_only() {
+        let entries = intel_entries();
+        let host_eax = get(&cpuid_from(&entries), 0x4000_0001, 0).eax;
+        assert_ne!(host_eax & BASELINE_KVM_HYPERCALL_FEATURES, 0, "the fake host offers them");
+        let mut c = cpuid_from(&entries);
+        normalize(&mut c, CpuTemplate::Baseline, 0, 2).unwrap();
+        assert_eq!(get(&c, 0x4000_0001, 0).eax, host_eax & !BASELINE_KVM_HYPERCALL_FEATURES);
+        let mut h = cpuid_from(&entries);
+        normalize(&mut h, CpuTemplate::Host, 0, 2).unwrap();
+        assert_eq!(get(&h, 0x4000_0001, 0).eax, host_eax);
+    }
 
     #[test]
     fn linux_cap_numbers_match_cpufeatures_h() {

@@ -6,7 +6,13 @@ mod common;
 use common::*;
 use serde_json::Value;
 
-fn boot(kernel: &std::path::Path, initrd: &std::path::Path, cpus: u8, stop_on: Option<&str>, name: &str) -> (i32, String, Value) {
+fn boot(
+    kernel: &std::path::Path,
+    initrd: &std::path::Path,
+    cpus: u8,
+    stop_on: Option<&str>,
+    name: &str,
+) -> (i32, String, Value) {
     let console = tmp(&format!("{name}.console"));
     let report = tmp(&format!("{name}.json"));
     let mut cmd = isla();
@@ -26,8 +32,8 @@ fn boot(kernel: &std::path::Path, initrd: &std::path::Path, cpus: u8, stop_on: O
     let err = stderr(&o);
     assert!(!err.contains("panicked"), "{err}");
     let console = std::fs::read_to_string(&console).unwrap_or_default();
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap_or_else(|_| panic!("no report: {err}")))
-        .unwrap();
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap_or_else(|_| panic!("no report: {err}"))).unwrap();
     eprintln!("{err}");
     (o.status.code().unwrap_or(-1), console, report)
 }

@@ -29,10 +29,9 @@ pub fn kvm_and_kit() -> Option<Kit> {
             bzimage: get("bzImage").unwrap(),
             initramfs: get("initramfs").unwrap(),
         }),
-        _ if required => panic!(
-            "ISLA_REQUIRE_KVM=1 but /dev/kvm present={kvm}, guest kit: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ),
+        _ if required => {
+            panic!("ISLA_REQUIRE_KVM=1 but /dev/kvm present={kvm}, guest kit: {}", String::from_utf8_lossy(&out.stderr))
+        }
         _ => {
             eprintln!("skipped: needs /dev/kvm and the guest kit (scripts/test provides both)");
             None

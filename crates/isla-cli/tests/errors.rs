@@ -46,9 +46,14 @@ fn bad_firecracker_configs() {
     let p = tmp("bad.json");
     std::fs::write(&p, "{ \"boot-source\": { \"kernel_image_path\": ").unwrap();
     run_fails(&["--config-file", p.to_str().unwrap()], "line");
-    std::fs::write(&p, r#"{"boot-source":{"kernel_image_path":"k"},"machine-config":{"vcpu_count":1,"mem_size_mib":64,"turbo":true}}"#).unwrap();
+    std::fs::write(
+        &p,
+        r#"{"boot-source":{"kernel_image_path":"k"},"machine-config":{"vcpu_count":1,"mem_size_mib":64,"turbo":true}}"#,
+    )
+    .unwrap();
     run_fails(&["--config-file", p.to_str().unwrap()], "unknown field `turbo`");
-    std::fs::write(&p, r#"{"boot-source":{"kernel_image_path":"k"},"vsock":{"guest_cid":3,"uds_path":"/tmp/v"}}"#).unwrap();
+    std::fs::write(&p, r#"{"boot-source":{"kernel_image_path":"k"},"vsock":{"guest_cid":3,"uds_path":"/tmp/v"}}"#)
+        .unwrap();
     run_fails(&["--config-file", p.to_str().unwrap()], "`vsock` is not supported");
     run_fails(&["--config-file", "/nonexistent/config.json"], "/nonexistent/config.json");
 }
@@ -89,7 +94,16 @@ fn initrd_that_does_not_fit() {
     let f = std::fs::File::create(&big).unwrap();
     f.set_len(40 << 20).unwrap();
     run_fails(
-        &["--kernel", kit.vmlinux.to_str().unwrap(), "--initrd", big.to_str().unwrap(), "--memory", "32M", "--console", "null"],
+        &[
+            "--kernel",
+            kit.vmlinux.to_str().unwrap(),
+            "--initrd",
+            big.to_str().unwrap(),
+            "--memory",
+            "32M",
+            "--console",
+            "null",
+        ],
         "does not fit",
     );
 }

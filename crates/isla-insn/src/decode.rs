@@ -256,14 +256,7 @@ impl Decoded {
 /// and F3 0F BD is `lzcnt` (a CPU with BMI1 and LZCNT). Use [`decode_with`] to decode them as
 /// the vCPU's CPUID says. Bytes after the instruction are ignored.
 pub fn decode(bytes: &[u8], mode: Mode) -> Result<Decoded, InsnError> {
-    decode_with(
-        bytes,
-        mode,
-        Options {
-            bmi1: true,
-            lzcnt: true,
-        },
-    )
+    decode_with(bytes, mode, Options { bmi1: true, lzcnt: true })
 }
 
 /// Decodes the instruction at the start of `bytes`, resolving F3 0F BC/BD through `opts`.
@@ -295,10 +288,7 @@ impl Cursor<'_> {
         if self.pos >= MAX_INSN_LEN {
             return Err(InsnError::too_long(self.bytes));
         }
-        self.bytes
-            .get(self.pos)
-            .copied()
-            .ok_or_else(|| InsnError::truncated(self.bytes))
+        self.bytes.get(self.pos).copied().ok_or_else(|| InsnError::truncated(self.bytes))
     }
 
     fn u8(&mut self) -> Result<u8, InsnError> {
@@ -400,9 +390,7 @@ impl Ctx {
     fn addr_size(&self) -> AddrSize {
         match (self.mode, self.p.addrsize) {
             (Mode::Long64, false) => AddrSize::Addr64,
-            (Mode::Long64, true) | (Mode::Protected32, false) | (Mode::Real16, true) => {
-                AddrSize::Addr32
-            }
+            (Mode::Long64, true) | (Mode::Protected32, false) | (Mode::Real16, true) => AddrSize::Addr32,
             (Mode::Protected32, true) | (Mode::Real16, false) => AddrSize::Addr16,
         }
     }
@@ -421,30 +409,15 @@ struct Found {
 }
 
 fn plain(kind: Kind, mnemonic: &'static str) -> Result<Found, InsnError> {
-    Ok(Found {
-        kind,
-        mnemonic,
-        reg: None,
-        rm: None,
-    })
+    Ok(Found { kind, mnemonic, reg: None, rm: None })
 }
 
 fn with_rm(kind: Kind, mnemonic: &'static str, m: &ModRm) -> Result<Found, InsnError> {
-    Ok(Found {
-        kind,
-        mnemonic,
-        reg: None,
-        rm: Some(m.operand),
-    })
+    Ok(Found { kind, mnemonic, reg: None, rm: Some(m.operand) })
 }
 
 fn with_reg_rm(kind: Kind, mnemonic: &'static str, m: &ModRm) -> Result<Found, InsnError> {
-    Ok(Found {
-        kind,
-        mnemonic,
-        reg: Some(m.reg_full),
-        rm: Some(m.operand),
-    })
+    Ok(Found { kind, mnemonic, reg: Some(m.reg_full), rm: Some(m.operand) })
 }
 
 /// A decoded ModRM byte with its operand.
@@ -477,22 +450,11 @@ fn modrm(c: &mut Cursor<'_>, cx: &Ctx) -> Result<ModRm, InsnError> {
             size => mem32(c, cx, md, rm, size)?,
         })
     };
-    Ok(ModRm {
-        raw,
-        reg,
-        reg_full,
-        operand,
-    })
+    Ok(ModRm { raw, reg, reg_full, operand })
 }
 
 /// 32- and 64-bit addressing: optional SIB, disp8/disp32, RIP-relative in 64-bit mode.
-fn mem32(
-    c: &mut Cursor<'_>,
-    cx: &Ctx,
-    md: u8,
-    rm: u8,
-    addr_size: AddrSize,
-) -> Result<MemOperand, InsnError> {
+fn mem32(c: &mut Cursor<'_>, cx: &Ctx, md: u8, rm: u8, addr_size: AddrSize) -> Result<MemOperand, InsnError> {
     let rex_b = if cx.p.rex & REX_B != 0 { 8 } else { 0 };
     let rex_x = if cx.p.rex & REX_X != 0 { 8 } else { 0 };
     let mut base = None;
@@ -652,10 +614,7 @@ fn two_byte(c: &mut Cursor<'_>, cx: &Ctx) -> Result<Found, InsnError> {
         0x00 => {
             let m = modrm(c, cx)?;
             const NAMES: [&str; 8] = ["sldt", "str", "lldt", "ltr", "verr", "verw", "", ""];
-            NAMES
-                .get(usize::from(m.reg))
-                .copied()
-                .filter(|n| !n.is_empty())
+            NAMES.get(usize::from(m.reg)).copied().filter(|n| !n.is_empty())
         }
         0x01 => return group7(c, cx),
         0x05 => Some("syscall"),
@@ -759,10 +718,7 @@ fn group7(c: &mut Cursor<'_>, cx: &Ctx) -> Result<Found, InsnError> {
     let m = modrm(c, cx)?;
     let name = if m.is_mem() {
         const NAMES: [&str; 8] = ["sgdt", "sidt", "lgdt", "lidt", "smsw", "", "lmsw", "invlpg"];
-        NAMES
-            .get(usize::from(m.reg))
-            .copied()
-            .filter(|n| !n.is_empty())
+        NAMES.get(usize::from(m.reg)).copied().filter(|n| !n.is_empty())
     } else {
         match m.raw {
             0xca => return plain(Kind::Clac, "clac"),
@@ -800,13 +756,9 @@ fn group15(c: &mut Cursor<'_>, cx: &Ctx) -> Result<Found, InsnError> {
     let p = &cx.p;
     let name = if !m.is_mem() {
         if p.f3() {
-            const NAMES: [&str; 8] = [
-                "rdfsbase", "rdgsbase", "wrfsbase", "wrgsbase", "ptwrite", "incssp", "umonitor", "",
-            ];
-            NAMES
-                .get(usize::from(m.reg))
-                .copied()
-                .filter(|n| !n.is_empty())
+            const NAMES: [&str; 8] =
+                ["rdfsbase", "rdgsbase", "wrfsbase", "wrgsbase", "ptwrite", "incssp", "umonitor", ""];
+            NAMES.get(usize::from(m.reg)).copied().filter(|n| !n.is_empty())
         } else if p.f2() {
             (m.reg == 6).then_some("umwait")
         } else if p.opsize && m.reg == 6 {
@@ -873,18 +825,14 @@ fn group9(c: &mut Cursor<'_>, cx: &Ctx) -> Result<Found, InsnError> {
     Err(c.unsupported(name))
 }
 
-const REG64: [&str; 16] = [
-    "rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13",
-    "r14", "r15",
-];
+const REG64: [&str; 16] =
+    ["rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"];
 const REG32: [&str; 16] = [
-    "eax", "ecx", "edx", "ebx", "esp", "ebp", "esi", "edi", "r8d", "r9d", "r10d", "r11d", "r12d",
-    "r13d", "r14d", "r15d",
+    "eax", "ecx", "edx", "ebx", "esp", "ebp", "esi", "edi", "r8d", "r9d", "r10d", "r11d", "r12d", "r13d", "r14d",
+    "r15d",
 ];
-const REG16: [&str; 16] = [
-    "ax", "cx", "dx", "bx", "sp", "bp", "si", "di", "r8w", "r9w", "r10w", "r11w", "r12w", "r13w",
-    "r14w", "r15w",
-];
+const REG16: [&str; 16] =
+    ["ax", "cx", "dx", "bx", "sp", "bp", "si", "di", "r8w", "r9w", "r10w", "r11w", "r12w", "r13w", "r14w", "r15w"];
 
 fn reg_name(reg: u8, size: OpSize) -> &'static str {
     let table = match size {

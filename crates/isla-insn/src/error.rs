@@ -60,22 +60,15 @@ impl InsnError {
     }
 
     pub(crate) fn unsupported(mnemonic: Option<&'static str>, bytes: &[u8]) -> Self {
-        InsnError::Unsupported {
-            mnemonic,
-            bytes: hex(window(bytes)),
-        }
+        InsnError::Unsupported { mnemonic, bytes: hex(window(bytes)) }
     }
 
     pub(crate) fn truncated(bytes: &[u8]) -> Self {
-        InsnError::Truncated {
-            bytes: hex(window(bytes)),
-        }
+        InsnError::Truncated { bytes: hex(window(bytes)) }
     }
 
     pub(crate) fn too_long(bytes: &[u8]) -> Self {
-        InsnError::TooLong {
-            bytes: hex(window(bytes)),
-        }
+        InsnError::TooLong { bytes: hex(window(bytes)) }
     }
 }
 
@@ -120,15 +113,9 @@ mod tests {
     #[test]
     fn unsupported_message_names_mnemonic_and_bytes() {
         let e = InsnError::unsupported(Some("xsetbv"), &[0x0f, 0x01, 0xd1]);
-        assert_eq!(
-            e.to_string(),
-            "unsupported instruction xsetbv (bytes: 0f 01 d1)"
-        );
+        assert_eq!(e.to_string(), "unsupported instruction xsetbv (bytes: 0f 01 d1)");
         assert_eq!(e.mnemonic(), Some("xsetbv"));
         let e = InsnError::unsupported(None, &[0x0f, 0xff]);
-        assert_eq!(
-            e.to_string(),
-            "unsupported instruction (unrecognised opcode) (bytes: 0f ff)"
-        );
+        assert_eq!(e.to_string(), "unsupported instruction (unrecognised opcode) (bytes: 0f ff)");
     }
 }

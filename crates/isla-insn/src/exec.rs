@@ -40,12 +40,7 @@ const CMPXCHG8B_RETRIES: usize = 64;
 pub(crate) type Raised = Option<(u8, Option<u32>)>;
 
 /// Executes `d`, which was decoded in `mode` from the state in `sregs`.
-pub(crate) fn execute<M: Machine>(
-    m: &mut M,
-    d: &Decoded,
-    sregs: &kvm_sregs,
-    mode: Mode,
-) -> Result<Raised, InsnError> {
+pub(crate) fn execute<M: Machine>(m: &mut M, d: &Decoded, sregs: &kvm_sregs, mode: Mode) -> Result<Raised, InsnError> {
     let mut x = Exec { m, d, sregs, mode };
     let lockable = matches!(d.kind, Kind::Cmpxchg8b | Kind::Cmpxchg16b) && d.mem().is_some();
     if d.lock && !lockable {
@@ -138,10 +133,7 @@ fn update_error_summary(fpu: &mut kvm_fpu) {
 }
 
 fn malformed(d: &Decoded) -> InsnError {
-    InsnError::Unsupported {
-        mnemonic: Some(d.mnemonic),
-        bytes: String::from("(operands missing)"),
-    }
+    InsnError::Unsupported { mnemonic: Some(d.mnemonic), bytes: String::from("(operands missing)") }
 }
 
 struct Exec<'a, M> {
@@ -292,11 +284,7 @@ impl<M: Machine> Exec<'_, M> {
             }
             Kind::Lzcnt => {
                 // `src` is zero-extended to 64 bits; discount the bits above the operand.
-                let r = if src == 0 {
-                    bits
-                } else {
-                    src.leading_zeros().saturating_sub(64 - bits)
-                };
+                let r = if src == 0 { bits } else { src.leading_zeros().saturating_sub(64 - bits) };
                 fl = with_flag(fl, CF, src == 0);
                 fl = with_flag(fl, ZF, r == 0);
                 Some(r)
@@ -364,12 +352,7 @@ impl<M: Machine> Exec<'_, M> {
 
     /// Atomic CMPXCHG8B when the 8 bytes lie inside one aligned 16-byte block: exchange the
     /// whole block with its other bytes unchanged, retrying while only those other bytes move.
-    fn cmpxchg8_in_block(
-        &mut self,
-        gva: u64,
-        expected: u64,
-        new: u64,
-    ) -> Result<(bool, u64), InsnError> {
+    fn cmpxchg8_in_block(&mut self, gva: u64, expected: u64, new: u64) -> Result<(bool, u64), InsnError> {
         let block = gva & !15;
         let shift = ((gva & 15) * 8) as u32;
         let mask = u128::from(u64::MAX) << shift;
@@ -386,20 +369,12 @@ impl<M: Machine> Exec<'_, M> {
             }
             cur = now;
         }
-        Err(InsnError::Memory {
-            gva,
-            reason: String::from("cmpxchg8b: the neighbouring bytes kept changing"),
-        })
+        Err(InsnError::Memory { gva, reason: String::from("cmpxchg8b: the neighbouring bytes kept changing") })
     }
 
     /// CMPXCHG8B across a 16-byte boundary (a split lock on hardware): read, compare, write.
     /// Not atomic against other vCPUs; such accesses are rare and slow on hardware as well.
-    fn cmpxchg8_split(
-        &mut self,
-        gva: u64,
-        expected: u64,
-        new: u64,
-    ) -> Result<(bool, u64), InsnError> {
+    fn cmpxchg8_split(&mut self, gva: u64, expected: u64, new: u64) -> Result<(bool, u64), InsnError> {
         let found = u64::from_le_bytes(self.read(gva)?);
         if found != expected {
             return Ok((false, found));
@@ -462,11 +437,7 @@ impl<M: Machine> Exec<'_, M> {
         let Some(gva) = self.mem_addr(&regs) else {
             return self.fault(vector::UD, None);
         };
-        let value = if self.d.kind == Kind::Fnstcw {
-            fpu.fcw
-        } else {
-            fpu.fsw
-        };
+        let value = if self.d.kind == Kind::Fnstcw { fpu.fcw } else { fpu.fsw };
         self.m.write_virt(gva, &value.to_le_bytes())?;
         self.finish(regs)
     }
@@ -495,10 +466,7 @@ impl<M: Machine> Exec<'_, M> {
     }
 
     fn fx_form(&self) -> Form {
-        Form {
-            wide_pointers: self.d.rex_w,
-            xmm_regs: if self.mode == Mode::Long64 { 16 } else { 8 },
-        }
+        Form { wide_pointers: self.d.rex_w, xmm_regs: if self.mode == Mode::Long64 { 16 } else { 8 } }
     }
 
     /// The checks FXSAVE and FXRSTOR share: availability, memory operand, 16-byte alignment.
@@ -590,10 +558,7 @@ mod tests {
 
     #[test]
     fn write_widths() {
-        let mut regs = kvm_regs {
-            rbx: 0xffff_ffff_ffff_ffff,
-            ..Default::default()
-        };
+        let mut regs = kvm_regs { rbx: 0xffff_ffff_ffff_ffff, ..Default::default() };
         write_gpr(&mut regs, 3, OpSize::Word, 0x1_2345);
         assert_eq!(regs.rbx, 0xffff_ffff_ffff_2345);
         write_gpr(&mut regs, 3, OpSize::Dword, 0xdead_beef_0000_0007);

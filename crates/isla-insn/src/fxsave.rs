@@ -151,10 +151,7 @@ pub(crate) fn restore(area: &[u8], form: Form, fpu: &mut kvm_fpu) -> Result<(), 
 mod tests {
     use super::*;
 
-    const LONG_WIDE: Form = Form {
-        wide_pointers: true,
-        xmm_regs: 16,
-    };
+    const LONG_WIDE: Form = Form { wide_pointers: true, xmm_regs: 16 };
 
     fn sample() -> kvm_fpu {
         let mut fpu = kvm_fpu {
@@ -201,10 +198,7 @@ mod tests {
 
     #[test]
     fn narrow_form_truncates_pointers_and_xmm() {
-        let form = Form {
-            wide_pointers: false,
-            xmm_regs: 8,
-        };
+        let form = Form { wide_pointers: false, xmm_regs: 8 };
         assert_eq!(form.used_len(), 288);
         let a = save(&sample(), form);
         assert_eq!(&a[8..16], &[0x88, 0x77, 0x66, 0x55, 0, 0, 0, 0]);
@@ -234,10 +228,7 @@ mod tests {
         let mut a = save(&sample(), LONG_WIDE);
         a[26] = 1; // MXCSR bit 16
         let mut fpu = kvm_fpu::default();
-        assert_eq!(
-            restore(&a, LONG_WIDE, &mut fpu),
-            Err(RestoreError::ReservedMxcsr(0x1_1fa0))
-        );
+        assert_eq!(restore(&a, LONG_WIDE, &mut fpu), Err(RestoreError::ReservedMxcsr(0x1_1fa0)));
         assert_eq!(fpu, kvm_fpu::default());
     }
 

@@ -53,8 +53,7 @@ mod fxsave;
 mod stats;
 
 pub use decode::{
-    decode, decode_with, AddrSize, Base, Decoded, Kind, MemOperand, Mode, OpSize, Operand, Seg,
-    MAX_INSN_LEN,
+    decode, decode_with, AddrSize, Base, Decoded, Kind, MemOperand, Mode, OpSize, Operand, Seg, MAX_INSN_LEN,
 };
 pub use error::{hex, InsnError};
 pub use fxsave::{FXSAVE_AREA_SIZE, MXCSR_MASK};
@@ -99,8 +98,7 @@ pub trait Machine {
     /// Atomically compare-and-exchange 16 bytes at `gva` (aligned to 16); returns (swapped, value
     /// found). Values are little-endian (the byte at `gva` is bits 0..7). A host mapping of guest
     /// memory can use [`atomic::cmpxchg16b`].
-    fn cmpxchg16(&mut self, gva: u64, expected: u128, new: u128)
-        -> Result<(bool, u128), InsnError>;
+    fn cmpxchg16(&mut self, gva: u64, expected: u128, new: u128) -> Result<(bool, u128), InsnError>;
 }
 
 /// CPUID features that change how an encoding decodes.
@@ -138,27 +136,15 @@ pub struct Outcome {
 
 /// Decode and execute the instruction at RIP: returns its mnemonic when handled (RIP advanced or
 /// exception injected).
-pub fn emulate<M: Machine>(
-    m: &mut M,
-    bytes: &[u8],
-    opts: Options,
-) -> Result<&'static str, InsnError> {
+pub fn emulate<M: Machine>(m: &mut M, bytes: &[u8], opts: Options) -> Result<&'static str, InsnError> {
     emulate_outcome(m, bytes, opts).map(|o| o.mnemonic)
 }
 
 /// Like [`emulate`], also telling the length and any exception injected.
-pub fn emulate_outcome<M: Machine>(
-    m: &mut M,
-    bytes: &[u8],
-    opts: Options,
-) -> Result<Outcome, InsnError> {
+pub fn emulate_outcome<M: Machine>(m: &mut M, bytes: &[u8], opts: Options) -> Result<Outcome, InsnError> {
     let sregs = m.sregs()?;
     let mode = mode_of(&sregs);
     let d = decode_with(bytes, mode, opts)?;
     let exception = exec::execute(m, &d, &sregs, mode)?;
-    Ok(Outcome {
-        mnemonic: d.mnemonic,
-        len: d.len,
-        exception,
-    })
+    Ok(Outcome { mnemonic: d.mnemonic, len: d.len, exception })
 }

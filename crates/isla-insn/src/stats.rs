@@ -76,14 +76,8 @@ mod tests {
         assert_eq!(s.get("popcnt"), 3);
         assert_eq!(s.get("fxsave"), 0);
         assert_eq!(s.total(), 6);
-        assert_eq!(
-            s.iter().collect::<Vec<_>>(),
-            vec![("clac", 2), ("popcnt", 3), ("stac", 1)]
-        );
-        assert_eq!(
-            s.sorted_by_count(),
-            vec![("popcnt", 3), ("clac", 2), ("stac", 1)]
-        );
+        assert_eq!(s.iter().collect::<Vec<_>>(), vec![("clac", 2), ("popcnt", 3), ("stac", 1)]);
+        assert_eq!(s.sorted_by_count(), vec![("popcnt", 3), ("clac", 2), ("stac", 1)]);
         assert_eq!(s.to_string(), "popcnt=3 clac=2 stac=1");
     }
 }

@@ -2,8 +2,7 @@
 //! errors for truncated, over-long and unsupported instructions.
 
 use isla_insn::{
-    decode, decode_with, AddrSize, Base, InsnError, Kind, MemOperand, Mode, OpSize, Operand,
-    Options, Seg,
+    decode, decode_with, AddrSize, Base, InsnError, Kind, MemOperand, Mode, OpSize, Operand, Options, Seg,
 };
 
 const L: Mode = Mode::Long64;
@@ -13,15 +12,7 @@ fn dec(bytes: &[u8], mode: Mode) -> isla_insn::Decoded {
 }
 
 fn mem(seg: Seg, base: Option<Base>, index: Option<u8>, scale: u8, disp: i64) -> MemOperand {
-    MemOperand {
-        seg,
-        seg_override: false,
-        base,
-        index,
-        scale,
-        disp,
-        addr_size: AddrSize::Addr64,
-    }
+    MemOperand { seg, seg_override: false, base, index, scale, disp, addr_size: AddrSize::Addr64 }
 }
 
 #[test]
@@ -43,10 +34,7 @@ fn popcnt_sib_rsp_base_defaults_to_ss() {
     let d = dec(&[0xf3, 0x0f, 0xb8, 0x04, 0x24], L);
     assert_eq!(d.len, 5);
     assert_eq!(d.op_size, OpSize::Dword);
-    assert_eq!(
-        d.rm,
-        Some(Operand::Mem(mem(Seg::Ss, Some(Base::Reg(4)), None, 1, 0)))
-    );
+    assert_eq!(d.rm, Some(Operand::Mem(mem(Seg::Ss, Some(Base::Reg(4)), None, 1, 0))));
     assert_eq!(d.to_string(), "popcnt eax, [rsp]");
 }
 
@@ -77,10 +65,7 @@ fn popcnt_sib_index_scale_disp8_and_rex_x() {
     // 4a = REX.W|REX.X; SIB 8d: scale 4, index 1+8 (r9), base 5 (rbp, mod=01).
     let d = dec(&[0xf3, 0x4a, 0x0f, 0xb8, 0x44, 0x8d, 0xf8], L);
     assert_eq!(d.len, 7);
-    assert_eq!(
-        d.mem(),
-        Some(&mem(Seg::Ss, Some(Base::Reg(5)), Some(9), 4, -8))
-    );
+    assert_eq!(d.mem(), Some(&mem(Seg::Ss, Some(Base::Reg(5)), Some(9), 4, -8)));
     assert_eq!(d.to_string(), "popcnt rax, [rbp+r9*4-0x8]");
 }
 
@@ -101,20 +86,14 @@ fn rex_r_and_rex_b_extend_registers() {
     assert_eq!(d.to_string(), "popcnt r9, r8");
     // REX.B on a base register: [r13+disp8] (mod=01 r/m=101 is not RIP-relative).
     let d = dec(&[0xf3, 0x41, 0x0f, 0xb8, 0x45, 0x08], L);
-    assert_eq!(
-        d.mem(),
-        Some(&mem(Seg::Ds, Some(Base::Reg(13)), None, 1, 8))
-    );
+    assert_eq!(d.mem(), Some(&mem(Seg::Ds, Some(Base::Reg(13)), None, 1, 8)));
 }
 
 #[test]
 fn disp32_with_base() {
     let d = dec(&[0xf3, 0x0f, 0xb8, 0x80, 0x00, 0x01, 0x00, 0x80], L);
     assert_eq!(d.len, 8);
-    assert_eq!(
-        d.mem(),
-        Some(&mem(Seg::Ds, Some(Base::Reg(0)), None, 1, -0x7fff_ff00))
-    );
+    assert_eq!(d.mem(), Some(&mem(Seg::Ds, Some(Base::Reg(0)), None, 1, -0x7fff_ff00)));
 }
 
 #[test]
@@ -148,19 +127,13 @@ fn protected_mode_32bit_addressing() {
     let d = dec(&[0xf3, 0x0f, 0xb8, 0x05, 0x00, 0x10, 0, 0], p);
     assert_eq!(d.len, 8);
     let m = d.mem().expect("memory operand");
-    assert_eq!(
-        (m.base, m.disp, m.addr_size),
-        (None, 0x1000, AddrSize::Addr32)
-    );
+    assert_eq!((m.base, m.disp, m.addr_size), (None, 0x1000, AddrSize::Addr32));
     assert_eq!(d.to_string(), "popcnt eax, [0x1000]");
     // 48 is `dec eax` here, not REX.W.
     let e = decode(&[0x48, 0xf3, 0x0f, 0xb8, 0xc3], p).expect_err("48 is an opcode");
     assert!(matches!(e, InsnError::Unsupported { mnemonic: None, .. }));
     // 66 selects 16-bit operands; 67 selects 16-bit addressing.
-    assert_eq!(
-        dec(&[0x66, 0xf3, 0x0f, 0xb8, 0xc3], p).op_size,
-        OpSize::Word
-    );
+    assert_eq!(dec(&[0x66, 0xf3, 0x0f, 0xb8, 0xc3], p).op_size, OpSize::Word);
     let d = dec(&[0x67, 0xf3, 0x0f, 0xb8, 0x07], p);
     assert_eq!(d.mem().map(|m| m.addr_size), Some(AddrSize::Addr16));
 }
@@ -189,10 +162,7 @@ fn real_mode_16bit_addressing() {
 #[test]
 fn tzcnt_lzcnt_follow_options() {
     let none = Options::default();
-    let both = Options {
-        bmi1: true,
-        lzcnt: true,
-    };
+    let both = Options { bmi1: true, lzcnt: true };
     assert_eq!(dec(&[0xf3, 0x0f, 0xbc, 0xc1], L).mnemonic, "tzcnt");
     assert_eq!(dec(&[0xf3, 0x0f, 0xbd, 0xc1], L).mnemonic, "lzcnt");
     let d = decode_with(&[0xf3, 0x0f, 0xbc, 0xc1], L, none).expect("decodes");
@@ -240,21 +210,11 @@ fn x87_and_sse_control() {
     ];
     for &(bytes, mnemonic, kind, len) in cases {
         let d = dec(bytes, L);
-        assert_eq!(
-            (d.mnemonic, d.kind, d.len),
-            (mnemonic, kind, len),
-            "{bytes:02x?}"
-        );
+        assert_eq!((d.mnemonic, d.kind, d.len), (mnemonic, kind, len), "{bytes:02x?}");
     }
     assert_eq!(dec(&[0xdf, 0xe0], L).to_string(), "fnstsw ax");
-    assert_eq!(
-        dec(&[0x0f, 0xae, 0x54, 0x24, 0x08], L).to_string(),
-        "ldmxcsr [rsp+0x8]"
-    );
-    assert_eq!(
-        dec(&[0x48, 0x0f, 0xae, 0x07], L).to_string(),
-        "fxsave64 [rdi]"
-    );
+    assert_eq!(dec(&[0x0f, 0xae, 0x54, 0x24, 0x08], L).to_string(), "ldmxcsr [rsp+0x8]");
+    assert_eq!(dec(&[0x48, 0x0f, 0xae, 0x07], L).to_string(), "fxsave64 [rdi]");
 }
 
 #[test]
@@ -271,12 +231,7 @@ fn simple_instructions_fences_and_hints() {
         (&[0x90], "nop", Kind::Nop, 1),
         (&[0x0f, 0x1f, 0x00], "nop", Kind::Nop, 3),
         (&[0x0f, 0x1f, 0x44, 0x00, 0x00], "nop", Kind::Nop, 5),
-        (
-            &[0x66, 0x2e, 0x0f, 0x1f, 0x84, 0, 0, 0, 0, 0],
-            "nop",
-            Kind::Nop,
-            10,
-        ),
+        (&[0x66, 0x2e, 0x0f, 0x1f, 0x84, 0, 0, 0, 0, 0], "nop", Kind::Nop, 10),
         (&[0xf3, 0x0f, 0x1e, 0xfa], "endbr64", Kind::Nop, 4),
         (&[0xf3, 0x0f, 0x1e, 0xfb], "endbr32", Kind::Nop, 4),
         (&[0x0f, 0x18, 0x08], "prefetcht0", Kind::Nop, 3),
@@ -284,11 +239,7 @@ fn simple_instructions_fences_and_hints() {
     ];
     for &(bytes, mnemonic, kind, len) in cases {
         let d = dec(bytes, L);
-        assert_eq!(
-            (d.mnemonic, d.kind, d.len),
-            (mnemonic, kind, len),
-            "{bytes:02x?}"
-        );
+        assert_eq!((d.mnemonic, d.kind, d.len), (mnemonic, kind, len), "{bytes:02x?}");
     }
     // Trailing bytes are not part of the instruction.
     assert_eq!(dec(&[0xcc, 0x0f, 0x0b, 0x90], L).len, 1);
@@ -340,10 +291,7 @@ fn recognised_but_unsupported_are_named() {
     // F3 turns the fences into other instructions.
     assert_eq!(unsupported(&[0xf3, 0x0f, 0xae, 0xe8], L).0, Some("incssp"));
     let e = decode(&[0x0f, 0x01, 0xd1], L).expect_err("unsupported");
-    assert_eq!(
-        e.to_string(),
-        "unsupported instruction xsetbv (bytes: 0f 01 d1)"
-    );
+    assert_eq!(e.to_string(), "unsupported instruction xsetbv (bytes: 0f 01 d1)");
 }
 
 #[test]
@@ -368,10 +316,7 @@ fn truncated_inputs() {
             other => panic!("{bytes:02x?}: expected Truncated, got {other:?}"),
         }
     }
-    assert!(matches!(
-        decode(&[0xf3, 0x0f, 0xb8, 0x06, 0x34], Mode::Real16),
-        Err(InsnError::Truncated { .. })
-    ));
+    assert!(matches!(decode(&[0xf3, 0x0f, 0xb8, 0x06, 0x34], Mode::Real16), Err(InsnError::Truncated { .. })));
 }
 
 #[test]

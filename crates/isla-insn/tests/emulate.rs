@@ -6,14 +6,8 @@ mod common;
 use common::*;
 use isla_insn::{emulate, emulate_outcome, kvm_fpu, InsnError, Options, Stats};
 
-const ALL: Options = Options {
-    bmi1: true,
-    lzcnt: true,
-};
-const NONE: Options = Options {
-    bmi1: false,
-    lzcnt: false,
-};
+const ALL: Options = Options { bmi1: true, lzcnt: true };
+const NONE: Options = Options { bmi1: false, lzcnt: false };
 
 fn run(m: &mut TestMachine, bytes: &[u8]) -> &'static str {
     emulate(m, bytes, ALL).unwrap_or_else(|e| panic!("{bytes:02x?}: {e}"))
@@ -60,10 +54,7 @@ fn popcnt_mem32_via_rsp_zero_extends() {
     m.regs.rax = 0xdead_beef_ffff_ffff;
     m.poke(0x8000, &[0x01, 0x00, 0x00, 0x80, 0xff, 0xff, 0xff, 0xff]);
     run(&mut m, &[0xf3, 0x0f, 0xb8, 0x04, 0x24]);
-    assert_eq!(
-        m.regs.rax, 2,
-        "only the dword is counted, upper half cleared"
-    );
+    assert_eq!(m.regs.rax, 2, "only the dword is counted, upper half cleared");
     assert_eq!(m.regs.rip, 0x1005);
 }
 
@@ -96,21 +87,12 @@ fn popcnt_fs_and_gs_override_add_segment_base() {
     m.poke(0x4100, &0x7u32.to_le_bytes());
     m.poke(0x5100, &0xffu32.to_le_bytes());
     m.poke(0x100, &0x1u32.to_le_bytes());
-    run(
-        &mut m,
-        &[0x64, 0xf3, 0x0f, 0xb8, 0x04, 0x25, 0x00, 0x01, 0x00, 0x00],
-    );
+    run(&mut m, &[0x64, 0xf3, 0x0f, 0xb8, 0x04, 0x25, 0x00, 0x01, 0x00, 0x00]);
     assert_eq!(m.regs.rax, 3);
     assert_eq!(m.regs.rip, 0x100a);
-    run(
-        &mut m,
-        &[0x65, 0xf3, 0x0f, 0xb8, 0x04, 0x25, 0x00, 0x01, 0x00, 0x00],
-    );
+    run(&mut m, &[0x65, 0xf3, 0x0f, 0xb8, 0x04, 0x25, 0x00, 0x01, 0x00, 0x00]);
     assert_eq!(m.regs.rax, 8);
-    run(
-        &mut m,
-        &[0x3e, 0xf3, 0x0f, 0xb8, 0x04, 0x25, 0x00, 0x01, 0x00, 0x00],
-    );
+    run(&mut m, &[0x3e, 0xf3, 0x0f, 0xb8, 0x04, 0x25, 0x00, 0x01, 0x00, 0x00]);
     assert_eq!(m.regs.rax, 1, "DS override has no base in 64-bit mode");
 }
 
@@ -190,16 +172,10 @@ fn bsf_bsr_without_bmi1_lzcnt() {
     let mut m = TestMachine::long64();
     m.regs.rcx = 0x0000_1010;
     // F3 0F BC on a CPU without BMI1 is BSF.
-    assert_eq!(
-        emulate(&mut m, &[0xf3, 0x0f, 0xbc, 0xc1], NONE).ok(),
-        Some("bsf")
-    );
+    assert_eq!(emulate(&mut m, &[0xf3, 0x0f, 0xbc, 0xc1], NONE).ok(), Some("bsf"));
     assert_eq!(m.regs.rax, 4);
     assert_eq!(m.regs.rflags & ZF, 0);
-    assert_eq!(
-        emulate(&mut m, &[0xf3, 0x0f, 0xbd, 0xc1], NONE).ok(),
-        Some("bsr")
-    );
+    assert_eq!(emulate(&mut m, &[0xf3, 0x0f, 0xbd, 0xc1], NONE).ok(), Some("bsr"));
     assert_eq!(m.regs.rax, 12);
     assert_eq!(m.regs.rip, 0x1008);
 
@@ -578,11 +554,7 @@ fn fxsave64_writes_standard_layout() {
     assert_eq!(m.peek(0x4040, 16), [&[3u8; 10][..], &[0; 6]].concat());
     assert_eq!(m.peek(0x40a0, 16), vec![0x40; 16], "XMM0 at 160");
     assert_eq!(m.peek(0x4190, 16), vec![0x4f; 16], "XMM15 at 400");
-    assert_eq!(
-        m.peek(0x41a0, 96),
-        vec![0xee; 96],
-        "bytes 416..511 untouched"
-    );
+    assert_eq!(m.peek(0x41a0, 96), vec![0xee; 96], "bytes 416..511 untouched");
 }
 
 #[test]
@@ -595,11 +567,7 @@ fn fxsave_without_rex_w_uses_32bit_pointers() {
     assert_eq!(m.peek_u32(0x400c), 0, "FCS and reserved");
     assert_eq!(m.peek_u32(0x4010), 0x0000_4000);
     assert_eq!(m.peek_u32(0x4014), 0, "FDS and reserved");
-    assert_eq!(
-        m.peek(0x4190, 16),
-        vec![0x4f; 16],
-        "all 16 XMM in 64-bit mode"
-    );
+    assert_eq!(m.peek(0x4190, 16), vec![0x4f; 16], "all 16 XMM in 64-bit mode");
 }
 
 #[test]
@@ -697,15 +665,9 @@ fn fences_and_hints_only_advance_rip() {
         (&[0xf3, 0x90], "pause"),
         (&[0x90], "nop"),
         (&[0x0f, 0x1f, 0x44, 0x00, 0x00], "nop"),
-        (
-            &[0x66, 0x0f, 0x1f, 0x84, 0x00, 0x00, 0x00, 0x00, 0x00],
-            "nop",
-        ),
+        (&[0x66, 0x0f, 0x1f, 0x84, 0x00, 0x00, 0x00, 0x00, 0x00], "nop"),
         (&[0xf3, 0x0f, 0x1e, 0xfa], "endbr64"),
-        (
-            &[0x0f, 0x18, 0x0c, 0x25, 0xf0, 0xff, 0xff, 0x7f],
-            "prefetcht0",
-        ),
+        (&[0x0f, 0x18, 0x0c, 0x25, 0xf0, 0xff, 0xff, 0x7f], "prefetcht0"),
     ];
     for &(bytes, mnemonic) in cases {
         let mut m = TestMachine::long64();
@@ -770,10 +732,7 @@ fn memory_errors_leave_rip() {
     let mut m = TestMachine::long64();
     m.regs.rbx = 0x10_0000;
     let e = emulate(&mut m, &[0xf3, 0x0f, 0xb8, 0x03], ALL).expect_err("out of range");
-    assert!(
-        matches!(e, InsnError::Memory { gva: 0x10_0000, .. }),
-        "{e:?}"
-    );
+    assert!(matches!(e, InsnError::Memory { gva: 0x10_0000, .. }), "{e:?}");
     assert_eq!(m.regs.rip, 0x1000);
     assert_eq!(m.set_regs_calls, 0);
 }
@@ -791,10 +750,7 @@ fn unsupported_leaves_state() {
     }
     assert_eq!(m.regs.rip, 0x1000);
     assert!(m.injected.is_empty());
-    assert!(matches!(
-        emulate(&mut m, &[], ALL),
-        Err(InsnError::Truncated { .. })
-    ));
+    assert!(matches!(emulate(&mut m, &[], ALL), Err(InsnError::Truncated { .. })));
 }
 
 #[test]
@@ -811,10 +767,7 @@ fn stats_count_handled_mnemonics() {
     for bytes in program {
         stats.record(run(&mut m, bytes));
     }
-    assert_eq!(
-        stats.sorted_by_count(),
-        vec![("popcnt", 3), ("clac", 1), ("stac", 1)]
-    );
+    assert_eq!(stats.sorted_by_count(), vec![("popcnt", 3), ("clac", 1), ("stac", 1)]);
     assert_eq!(stats.total(), 5);
     assert_eq!(m.regs.rip, 0x1000 + 5 + 3 + 5 + 3 + 5);
 }

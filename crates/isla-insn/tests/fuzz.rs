@@ -46,16 +46,13 @@ const STARTS: &[&[u8]] = &[
     &[0x9b],
     &[0x64],
     &[0x67],
-    &[
-        0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66,
-    ],
+    &[0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66, 0x66],
     &[0x0f, 0x1f],
     &[0x0f, 0x38],
 ];
 
-const PREFIXES: &[u8] = &[
-    0x66, 0x67, 0xf0, 0xf2, 0xf3, 0x26, 0x2e, 0x36, 0x3e, 0x64, 0x65, 0x40, 0x41, 0x44, 0x48, 0x4f,
-];
+const PREFIXES: &[u8] =
+    &[0x66, 0x67, 0xf0, 0xf2, 0xf3, 0x26, 0x2e, 0x36, 0x3e, 0x64, 0x65, 0x40, 0x41, 0x44, 0x48, 0x4f];
 
 fn random_bytes(rng: &mut XorShift) -> Vec<u8> {
     let mut v = Vec::new();
@@ -86,8 +83,8 @@ fn random_machine(rng: &mut XorShift) -> TestMachine {
     };
     let r = &mut m.regs;
     for g in [
-        &mut r.rax, &mut r.rbx, &mut r.rcx, &mut r.rdx, &mut r.rsi, &mut r.rdi, &mut r.rsp,
-        &mut r.rbp, &mut r.r8, &mut r.r9, &mut r.r12, &mut r.r13,
+        &mut r.rax, &mut r.rbx, &mut r.rcx, &mut r.rdx, &mut r.rsi, &mut r.rdi, &mut r.rsp, &mut r.rbp, &mut r.r8,
+        &mut r.r9, &mut r.r12, &mut r.r13,
     ] {
         *g = val(rng);
     }
@@ -131,10 +128,7 @@ fn random_bytes_never_panic() {
         let mut m = random_machine(&mut rng);
         let before = m.regs;
         let mode = isla_insn::mode_of(&m.sregs);
-        let opts = Options {
-            bmi1: rng.below(2) == 0,
-            lzcnt: rng.below(2) == 0,
-        };
+        let opts = Options { bmi1: rng.below(2) == 0, lzcnt: rng.below(2) == 0 };
         if let Ok(o) = emulate_outcome(&mut m, &bytes, opts) {
             executed += 1;
             let d = decode_with(&bytes, mode, opts).expect("emulate decoded it");
@@ -152,10 +146,7 @@ fn random_bytes_never_panic() {
             }
             assert!(m.injected.len() <= 1);
         } else {
-            assert_eq!(
-                m.regs.rip, before.rip,
-                "{bytes:02x?}: error must not move RIP"
-            );
+            assert_eq!(m.regs.rip, before.rip, "{bytes:02x?}: error must not move RIP");
         }
     }
     eprintln!("decoded {decoded}, executed {executed}");
@@ -167,9 +158,7 @@ fn random_bytes_never_panic() {
 #[test]
 fn every_prefix_of_a_valid_instruction_is_truncated() {
     let valid: &[&[u8]] = &[
-        &[
-            0x64, 0xf3, 0x48, 0x0f, 0xb8, 0x84, 0x8d, 0x00, 0x01, 0x00, 0x00,
-        ],
+        &[0x64, 0xf3, 0x48, 0x0f, 0xb8, 0x84, 0x8d, 0x00, 0x01, 0x00, 0x00],
         &[0xf0, 0x48, 0x0f, 0xc7, 0x4c, 0x24, 0x10],
         &[0x48, 0x0f, 0xae, 0x05, 0x00, 0x10, 0x00, 0x00],
         &[0xd9, 0xbc, 0x24, 0x00, 0x01, 0x00, 0x00],
@@ -179,10 +168,7 @@ fn every_prefix_of_a_valid_instruction_is_truncated() {
         assert_eq!(d.len, bytes.len());
         for cut in 0..bytes.len() {
             assert!(
-                matches!(
-                    decode(&bytes[..cut], Mode::Long64),
-                    Err(isla_insn::InsnError::Truncated { .. })
-                ),
+                matches!(decode(&bytes[..cut], Mode::Long64), Err(isla_insn::InsnError::Truncated { .. })),
                 "{:02x?}",
                 &bytes[..cut]
             );

@@ -79,10 +79,16 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         if id == 0 {
             let (args, left_out) = cpuid::guest_clear_args(template, &effective);
             if !args.is_empty() {
-                tracing::info!("KVM did not apply the {template} CPUID template; telling the guest kernel: {}", args.join(" "));
+                tracing::info!(
+                    "KVM did not apply the {template} CPUID template; telling the guest kernel: {}",
+                    args.join(" ")
+                );
             }
             if !left_out.is_empty() {
-                tracing::warn!("CPU features still visible to the guest (no room in clearcpuid=): {}", left_out.join(", "));
+                tracing::warn!(
+                    "CPU features still visible to the guest (no room in clearcpuid=): {}",
+                    left_out.join(", ")
+                );
             }
             cpuid_fixups = args;
         }
@@ -101,7 +107,11 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     if cmdline.len() + 1 > CMDLINE_MAX_SIZE {
         return Err(VmmError::Config(crate::config::ConfigError::Invalid {
             option: "--cmdline",
-            reason: format!("with the CPU template's additions ({}) it exceeds {} bytes", cpuid_fixups.join(" "), CMDLINE_MAX_SIZE - 1),
+            reason: format!(
+                "with the CPU template's additions ({}) it exceeds {} bytes",
+                cpuid_fixups.join(" "),
+                CMDLINE_MAX_SIZE - 1
+            ),
         }));
     }
     let mut cmdline_bytes = cmdline.clone().into_bytes();
@@ -124,6 +134,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     // Kicks a vCPU thread out of KVM_RUN; the handler itself does nothing.
     extern "C" fn kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
     register_signal_handler(SIGRTMIN(), kick).map_err(|e| VmmError::Setup(format!("signal handler: {e}")))?;
+    signals::install()?;
 
     let mut threads = Vec::new();
     for v in vcpus {
@@ -138,7 +149,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         spawn_stdin_reader(devices.clone());
     }
 
-    let exit = shared.wait_exit();
+    let exit = shared.wait_exit(signals::interrupted);
     // Stop every vCPU: re-kick until each thread has left KVM_RUN and seen the stop flag.
     for _ in 0..400 {
         if threads.iter().all(|t| t.is_finished()) {
@@ -270,4 +281,35 @@ fn spawn_stdin_reader(devices: Arc<Devices>) {
 /// The template that `auto` picks here, for display.
 pub fn auto_template() -> CpuTemplate {
     crate::config::TemplateChoice::Auto.resolve()
+}
+
+/// SIGINT and SIGTERM stop the guest cleanly (status `stopped`, report written).
+mod signals {
+    use std::sync::atomic::{AtomicI32, Ordering};
+
+    use vmm_sys_util::signal::register_signal_handler;
+
+    use crate::VmmError;
+
+    static RECEIVED: AtomicI32 = AtomicI32::new(0);
+
+    extern "C" fn on_signal(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+        RECEIVED.store(num, Ordering::SeqCst);
+    }
+
+    pub fn install() -> Result<(), VmmError> {
+        for sig in [libc::SIGINT, libc::SIGTERM] {
+            register_signal_handler(sig, on_signal).map_err(|e| VmmError::Setup(format!("signal handler: {e}")))?;
+        }
+        Ok(())
+    }
+
+    pub fn interrupted() -> Option<String> {
+        match RECEIVED.load(Ordering::SeqCst) {
+            0 => None,
+            libc::SIGINT => Some("SIGINT".into()),
+            libc::SIGTERM => Some("SIGTERM".into()),
+            n => Some(format!("signal {n}")),
+        }
+    }
 }

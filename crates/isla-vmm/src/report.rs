@@ -73,6 +73,8 @@ pub struct RunReport {
     pub memory: Option<MemoryReport>,
     /// Every vCPU thread left KVM_RUN before the report was made.
     pub vcpus_stopped: bool,
+    /// Guest RIP of each vCPU when it stopped (hex), to locate a guest that hangs.
+    pub final_rip: BTreeMap<u8, String>,
 }
 
 impl RunReport {
@@ -125,6 +127,7 @@ impl RunReport {
             emulated_instructions: shared.emulated(),
             memory,
             vcpus_stopped,
+            final_rip: shared.final_rips().into_iter().map(|(k, v)| (k, format!("{v:#x}"))).collect(),
         }
     }
 

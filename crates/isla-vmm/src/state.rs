@@ -87,6 +87,7 @@ pub struct VmShared {
     emulated: Mutex<BTreeMap<&'static str, u64>>,
     memory: Mutex<Option<(&'static str, PssSplit)>>,
     guest_ranges: Mutex<Vec<(u64, u64)>>,
+    final_rips: Mutex<BTreeMap<u8, u64>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -107,6 +108,7 @@ impl VmShared {
             emulated: Mutex::new(BTreeMap::new()),
             memory: Mutex::new(None),
             guest_ranges: Mutex::new(Vec::new()),
+            final_rips: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -174,6 +176,16 @@ impl VmShared {
         }
     }
 
+    /// Records where a vCPU was when it stopped.
+    pub fn set_final_rip(&self, vcpu: u8, rip: u64) {
+        lock(&self.final_rips).insert(vcpu, rip);
+    }
+
+    /// Where each vCPU was when it stopped.
+    pub fn final_rips(&self) -> BTreeMap<u8, u64> {
+        lock(&self.final_rips).clone()
+    }
+
     /// VM exits by kind, summed over vCPUs that have finished.
     pub fn counters(&self) -> BTreeMap<String, u64> {
         lock(&self.counters).clone()
@@ -199,14 +211,21 @@ impl VmShared {
         self.stop.load(Ordering::Acquire)
     }
 
-    /// Blocks until the run has an outcome.
-    pub fn wait_exit(&self) -> GuestExit {
+    /// Blocks until the run has an outcome, or `interrupted()` turns true (checked every 50 ms),
+    /// which stops the guest.
+    pub fn wait_exit(&self, interrupted: impl Fn() -> Option<String>) -> GuestExit {
         let mut e = lock(&self.exit);
         loop {
             if let Some(x) = e.clone() {
                 return x;
             }
-            e = self.exit_cv.wait(e).unwrap_or_else(|p| p.into_inner());
+            if let Some(reason) = interrupted() {
+                drop(e);
+                self.request_exit(GuestExit::Stopped { reason });
+                e = lock(&self.exit);
+                continue;
+            }
+            e = self.exit_cv.wait_timeout(e, std::time::Duration::from_millis(50)).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 }
@@ -222,12 +241,20 @@ mod tests {
         s.request_exit(GuestExit::Reboot { via: "i8042" });
         s.request_exit(GuestExit::Poweroff { via: "acpi" });
         assert!(s.should_stop());
-        let e = s.wait_exit();
+        let e = s.wait_exit(|| None);
         assert_eq!(e, GuestExit::Reboot { via: "i8042" });
         assert_eq!(e.exit_code(), 3);
         assert_eq!(GuestExit::Poweroff { via: "acpi" }.exit_code(), 0);
         assert_eq!(GuestExit::TripleFault.exit_code(), 4);
         assert!(GuestExit::Error { message: "x".into() }.describe().contains("x"));
+    }
+
+    #[test]
+    fn an_interruption_stops_the_run() {
+        let s = VmShared::new(0);
+        let e = s.wait_exit(|| Some("SIGTERM".into()));
+        assert_eq!(e, GuestExit::Stopped { reason: "SIGTERM".into() });
+        assert!(s.should_stop());
     }
 
     #[test]

@@ -27,6 +27,23 @@ pub fn configure(fd: &VcpuFd, id: u8, cpuid: &CpuId, boot_entry: Option<u64>) ->
     fd.set_cpuid2(cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
     // What the vCPU really shows: some hosts (nested PVM) answer CPUID from the host whatever was set.
     let effective = fd.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES).map_err(kvm("KVM_GET_CPUID2"))?;
+    for (set, got) in cpuid.as_slice().iter().zip(effective.as_slice()) {
+        if (set.eax, set.ebx, set.ecx, set.edx) != (got.eax, got.ebx, got.ecx, got.edx) {
+            tracing::debug!(
+                "vCPU {id} CPUID {:#x}.{}: set {:08x} {:08x} {:08x} {:08x}, KVM shows {:08x} {:08x} {:08x} {:08x}",
+                set.function,
+                set.index,
+                set.eax,
+                set.ebx,
+                set.ecx,
+                set.edx,
+                got.eax,
+                got.ebx,
+                got.ecx,
+                got.edx
+            );
+        }
+    }
     let entries: Vec<kvm_msr_entry> = boot::boot_msrs()
         .into_iter()
         .map(|(index, data)| kvm_msr_entry { index, data, ..Default::default() })
@@ -115,6 +132,9 @@ impl Vcpu {
             if let Next::Exit(e) = next {
                 self.shared.request_exit(e);
             }
+        }
+        if let Ok(r) = self.fd.get_regs() {
+            self.shared.set_final_rip(self.id, r.rip);
         }
         let exits = self.exits.iter().map(|((k, t), v)| (format!("{k}:{t}"), *v)).collect();
         self.shared.add_counters(&exits, &self.emulated);

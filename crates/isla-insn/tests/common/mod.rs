@@ -69,17 +69,8 @@ impl TestMachine {
     }
 
     fn bare() -> Self {
-        let regs = kvm_regs {
-            rip: 0x1000,
-            rsp: 0x8000,
-            rflags: FLAGS_FIXED,
-            ..Default::default()
-        };
-        let fpu = kvm_fpu {
-            fcw: 0x037f,
-            mxcsr: 0x1f80,
-            ..Default::default()
-        };
+        let regs = kvm_regs { rip: 0x1000, rsp: 0x8000, rflags: FLAGS_FIXED, ..Default::default() };
+        let fpu = kvm_fpu { fcw: 0x037f, mxcsr: 0x1f80, ..Default::default() };
         TestMachine {
             regs,
             sregs: kvm_sregs::default(),
@@ -99,10 +90,7 @@ impl TestMachine {
             (Some(s), Some(e)) if e <= self.mem.len() => Ok(s..e),
             _ => Err(InsnError::Memory {
                 gva,
-                reason: format!(
-                    "{len} bytes outside the {:#x}-byte test memory",
-                    self.mem.len()
-                ),
+                reason: format!("{len} bytes outside the {:#x}-byte test memory", self.mem.len()),
             }),
         }
     }
@@ -174,17 +162,9 @@ impl Machine for TestMachine {
         Ok(())
     }
 
-    fn cmpxchg16(
-        &mut self,
-        gva: u64,
-        expected: u128,
-        new: u128,
-    ) -> Result<(bool, u128), InsnError> {
+    fn cmpxchg16(&mut self, gva: u64, expected: u128, new: u128) -> Result<(bool, u128), InsnError> {
         if gva % 16 != 0 {
-            return Err(InsnError::Memory {
-                gva,
-                reason: "cmpxchg16 on a misaligned address".into(),
-            });
+            return Err(InsnError::Memory { gva, reason: "cmpxchg16 on a misaligned address".into() });
         }
         self.cmpxchg16_calls.push(gva);
         let r = self.range(gva, 16)?;

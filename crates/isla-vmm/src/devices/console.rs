@@ -44,6 +44,11 @@ impl Console {
 
     fn end_of_line(&mut self) {
         let text = String::from_utf8_lossy(&self.line);
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let t =
+                self.shared.boot_start_us().map_or(0.0, |b| crate::host::now_us().saturating_sub(b) as f64 / 1000.0);
+            tracing::debug!("console at {t:.1} ms: {text}");
+        }
         for (needle, name) in CONSOLE_MILESTONES {
             if text.contains(needle) && self.shared.milestone(name, printk_time(&text)) && *name == "init_exec" {
                 self.shared.measure_memory("init_exec");
@@ -119,7 +124,7 @@ mod tests {
         assert_eq!(names, vec!["kernel_banner", "init_exec"]);
         assert_eq!(shared.milestones()[1].guest_time_s, Some(2.5));
         assert!(shared.should_stop());
-        assert!(matches!(shared.wait_exit(), GuestExit::Stopped { .. }));
+        assert!(matches!(shared.wait_exit(|| None), GuestExit::Stopped { .. }));
         assert!(shared.memory().is_some());
     }
 

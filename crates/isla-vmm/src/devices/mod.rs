@@ -176,13 +176,13 @@ mod tests {
     fn poweroff_and_reset_ports() {
         let (d, s, _) = devices();
         assert_eq!(d.pio_write(ACPI_SLEEP_CONTROL_PORT, &[0x34]), "acpi");
-        assert_eq!(s.wait_exit(), GuestExit::Poweroff { via: "acpi" });
+        assert_eq!(s.wait_exit(|| None), GuestExit::Poweroff { via: "acpi" });
         let (d, s, _) = devices();
         d.pio_write(ACPI_RESET_PORT, &[ACPI_RESET_VALUE]);
-        assert_eq!(s.wait_exit(), GuestExit::Reboot { via: "acpi" });
+        assert_eq!(s.wait_exit(|| None), GuestExit::Reboot { via: "acpi" });
         let (d, s, _) = devices();
         d.pio_write(I8042_COMMAND_PORT, &[0xfe]);
-        assert_eq!(s.wait_exit(), GuestExit::Reboot { via: "i8042" });
+        assert_eq!(s.wait_exit(|| None), GuestExit::Reboot { via: "i8042" });
     }
 
     #[test]
