@@ -23,7 +23,7 @@ struct Cli {
 enum Cmd {
     /// microVMs on isla's own KVM monitor.
     #[command(subcommand)]
-    Vm(VmCmd),
+    Vm(Box<VmCmd>),
     /// The guest kit: kernel, initramfs and rootfs for microVMs.
     #[command(subcommand)]
     Guest(GuestCmd),
@@ -146,8 +146,10 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match &cli.cmd {
-        Cmd::Vm(VmCmd::Run(a)) => vm_run(a),
-        Cmd::Vm(VmCmd::Bench(a)) => bench::run(a).map(|()| 0),
+        Cmd::Vm(v) => match v.as_ref() {
+            VmCmd::Run(a) => vm_run(a),
+            VmCmd::Bench(a) => bench::run(a).map(|()| 0),
+        },
         Cmd::Guest(GuestCmd::Build) => kit::build().map(|k| {
             k.print();
             0

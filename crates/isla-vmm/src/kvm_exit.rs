@@ -89,13 +89,10 @@ mod tests {
         // SAFETY: as above.
         let mut run: kvm_run = unsafe { std::mem::zeroed() };
         run.exit_reason = KVM_EXIT_INTERNAL_ERROR;
-        // SAFETY: as above.
-        unsafe {
-            run.__bindgen_anon_1.emulation_failure.suberror = KVM_INTERNAL_ERROR_EMULATION;
-            run.__bindgen_anon_1.emulation_failure.ndata = 1000;
-            run.__bindgen_anon_1.emulation_failure.flags = 1;
-            run.__bindgen_anon_1.emulation_failure.__bindgen_anon_1.__bindgen_anon_1.insn_size = 200;
-        }
+        run.__bindgen_anon_1.emulation_failure.suberror = KVM_INTERNAL_ERROR_EMULATION;
+        run.__bindgen_anon_1.emulation_failure.ndata = 1000;
+        run.__bindgen_anon_1.emulation_failure.flags = 1;
+        run.__bindgen_anon_1.emulation_failure.__bindgen_anon_1.__bindgen_anon_1.insn_size = 200;
         let e = internal_error(&run).unwrap();
         assert_eq!(e.insn.unwrap().len(), 15);
         assert_eq!(e.data.len(), 16);

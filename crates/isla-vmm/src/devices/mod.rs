@@ -201,7 +201,7 @@ mod tests {
         let (d, _, irq) = devices();
         // Enable the THR-empty interrupt, then transmit one byte.
         d.pio_write(COM1_PORT + 1, &[0x02]);
-        d.pio_write(COM1_PORT, &[b'A']);
+        d.pio_write(COM1_PORT, b"A");
         assert!(irq.read().unwrap() >= 1);
         let mut lsr = [0u8];
         d.pio_read(COM1_PORT + 5, &mut lsr);
