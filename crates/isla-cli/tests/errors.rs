@@ -33,7 +33,7 @@ fn not_a_kernel() {
 fn memory_and_cpu_limits() {
     let k = elf();
     run_fails(&["--kernel", &k, "--memory", "0"], "--memory");
-    run_fails(&["--kernel", &k, "--memory", "64T"], "more than this host has");
+    run_fails(&["--kernel", &k, "--memory", "100000G"], "more than this host has");
     run_fails(&["--kernel", &k, "--memory", "lots"], "--memory");
     run_fails(&["--kernel", &k, "--cpus", "0"], "--cpus");
     run_fails(&["--kernel", &k, "--cpus", "33"], "--cpus");

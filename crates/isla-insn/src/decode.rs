@@ -207,6 +207,12 @@ pub enum Kind {
     Fxrstor,
     /// `emms` (0F 77).
     Emms,
+    /// `fild m16int` (DF /0).
+    Fild16,
+    /// `fild m32int` (DB /0).
+    Fild32,
+    /// `fild m64int` (DF /5).
+    Fild64,
     /// `lfence` (0F AE /5, mod=11).
     Lfence,
     /// `mfence` (0F AE /6, mod=11).
@@ -589,6 +595,9 @@ fn x87(c: &mut Cursor<'_>, cx: &Ctx, op: u8) -> Result<Found, InsnError> {
             (0xd9, 5) => with_rm(Kind::Fldcw, "fldcw", &m),
             (0xd9, 7) => with_rm(Kind::Fnstcw, "fnstcw", &m),
             (0xdd, 7) => with_rm(Kind::FnstswMem, "fnstsw", &m),
+            (0xdf, 0) => with_rm(Kind::Fild16, "fild", &m),
+            (0xdb, 0) => with_rm(Kind::Fild32, "fild", &m),
+            (0xdf, 5) => with_rm(Kind::Fild64, "fild", &m),
             (0xd9, 0) | (0xdb, 5) | (0xdd, 0) => Err(c.unsupported(Some("fld"))),
             (0xd9, 2) | (0xdd, 2) => Err(c.unsupported(Some("fst"))),
             (0xd9, 3) | (0xdb, 7) | (0xdd, 3) => Err(c.unsupported(Some("fstp"))),

@@ -64,6 +64,9 @@ pub(crate) fn execute<M: Machine>(m: &mut M, d: &Decoded, sregs: &kvm_sregs, mod
         Kind::Fxsave => x.fxsave(),
         Kind::Fxrstor => x.fxrstor(),
         Kind::Emms => x.emms(),
+        Kind::Fild16 => x.fild(2),
+        Kind::Fild32 => x.fild(4),
+        Kind::Fild64 => x.fild(8),
         Kind::Mfence => {
             fence(Ordering::SeqCst);
             x.skip()
@@ -516,6 +519,29 @@ impl<M: Machine> Exec<'_, M> {
         self.finish(regs)
     }
 
+    /// FILD m16/m32/m64int: push the integer, converted to 80-bit extended, onto the x87 stack.
+    /// (Linux runs `fnclex; emms; fild` on AMD CPUs to clear the FXSAVE pointer leak.)
+    fn fild(&mut self, bytes: usize) -> Result<Raised, InsnError> {
+        if let Some(v) = self.x87_unavailable() {
+            return self.fault(v, None);
+        }
+        let regs = self.m.regs()?;
+        let Some(gva) = self.mem_addr(&regs) else {
+            return self.fault(vector::UD, None);
+        };
+        let mut buf = [0u8; 8];
+        self.m.read_virt(gva, &mut buf[..bytes])?;
+        let value = match bytes {
+            2 => i64::from(i16::from_le_bytes([buf[0], buf[1]])),
+            4 => i64::from(i32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]])),
+            _ => i64::from_le_bytes(buf),
+        };
+        let mut fpu = self.m.fpu()?;
+        x87_push(&mut fpu, to_extended(value));
+        self.m.set_fpu(&fpu)?;
+        self.finish(regs)
+    }
+
     fn emms(&mut self) -> Result<Raised, InsnError> {
         if self.sregs.cr0 & CR0_EM != 0 {
             return self.fault(vector::UD, None);
@@ -582,5 +608,99 @@ mod tests {
         fpu.fcw = 0x037f;
         update_error_summary(&mut fpu);
         assert_eq!(fpu.fsw, 0x0004);
+    }
+}
+
+/// An integer as an x87 80-bit extended value (exact for every i64).
+pub(crate) fn to_extended(v: i64) -> [u8; 10] {
+    let mut out = [0u8; 10];
+    if v == 0 {
+        return out;
+    }
+    let mag = v.unsigned_abs();
+    let lz = mag.leading_zeros();
+    let mantissa = mag << lz;
+    let exponent = 16383 + 63 - lz as u16;
+    out[..8].copy_from_slice(&mantissa.to_le_bytes());
+    let se = exponent | if v < 0 { 0x8000 } else { 0 };
+    out[8..].copy_from_slice(&se.to_le_bytes());
+    out
+}
+
+/// Pushes a value onto the x87 register stack held in FXSAVE form (`fpr[0]` is ST(0), the
+/// abridged tag word has one bit per physical register). On stack overflow with the invalid
+/// operation exception masked, the real indefinite is pushed and IE, SF and C1 are set; unmasked,
+/// the exception is left pending (ES, B) and the stack is unchanged, as the hardware does.
+pub(crate) fn x87_push(fpu: &mut kvm_bindings::kvm_fpu, value: [u8; 10]) {
+    const FSW_IE: u16 = 1;
+    const FSW_SF: u16 = 1 << 6;
+    const FSW_C1: u16 = 1 << 9;
+    const INDEFINITE: [u8; 10] = [0, 0, 0, 0, 0, 0, 0, 0xc0, 0xff, 0xff];
+    let top = (fpu.fsw >> 11) & 7;
+    let new_top = (top + 7) & 7;
+    let mut value = value;
+    if fpu.ftwx & (1 << new_top) != 0 {
+        fpu.fsw |= FSW_IE | FSW_SF | FSW_C1;
+        if fpu.fcw & 1 == 0 {
+            fpu.fsw |= FSW_ES | FSW_B;
+            return;
+        }
+        value = INDEFINITE;
+    } else {
+        fpu.fsw &= !FSW_C1;
+    }
+    for i in (1..8).rev() {
+        fpu.fpr[i] = fpu.fpr[i - 1];
+    }
+    fpu.fpr[0] = [0; 16];
+    fpu.fpr[0][..10].copy_from_slice(&value);
+    fpu.ftwx |= 1 << new_top;
+    fpu.fsw = (fpu.fsw & !(7 << 11)) | (new_top << 11);
+}
+
+#[cfg(test)]
+mod fild_tests {
+    use super::*;
+
+    fn ext(mantissa: u64, se: u16) -> [u8; 10] {
+        let mut o = [0u8; 10];
+        o[..8].copy_from_slice(&mantissa.to_le_bytes());
+        o[8..].copy_from_slice(&se.to_le_bytes());
+        o
+    }
+
+    #[test]
+    fn integers_to_extended() {
+        assert_eq!(to_extended(0), [0; 10]);
+        assert_eq!(to_extended(1), ext(1 << 63, 0x3fff));
+        assert_eq!(to_extended(-2), ext(1 << 63, 0xc000));
+        assert_eq!(to_extended(3), ext(3 << 62, 0x4000));
+        assert_eq!(to_extended(i64::MIN), ext(1 << 63, 0x8000 | (16383 + 63)));
+    }
+
+    #[test]
+    fn push_moves_top_and_tags() {
+        let mut f = kvm_bindings::kvm_fpu { fcw: 0x37f, ..Default::default() };
+        x87_push(&mut f, to_extended(1));
+        assert_eq!((f.fsw >> 11) & 7, 7);
+        assert_eq!(f.ftwx, 0x80);
+        assert_eq!(f.fpr[0][..10], to_extended(1));
+        x87_push(&mut f, to_extended(5));
+        assert_eq!((f.fsw >> 11) & 7, 6);
+        assert_eq!(f.ftwx, 0xc0);
+        assert_eq!(f.fpr[0][..10], to_extended(5));
+        assert_eq!(f.fpr[1][..10], to_extended(1));
+    }
+
+    #[test]
+    fn push_onto_a_full_stack() {
+        let mut f = kvm_bindings::kvm_fpu { fcw: 0x37f, ftwx: 0xff, ..Default::default() };
+        x87_push(&mut f, to_extended(9));
+        assert_eq!(f.fsw & 0x241, 0x241, "IE, SF and C1");
+        assert_eq!(f.fpr[0][7..10], [0xc0, 0xff, 0xff], "real indefinite");
+        let mut g = kvm_bindings::kvm_fpu { fcw: 0x37e, ftwx: 0xff, ..Default::default() };
+        x87_push(&mut g, to_extended(9));
+        assert_ne!(g.fsw & FSW_ES, 0);
+        assert_eq!(g.fpr[0], [0; 16], "unchanged when unmasked");
     }
 }

@@ -771,3 +771,37 @@ fn stats_count_handled_mnemonics() {
     assert_eq!(stats.total(), 5);
     assert_eq!(m.regs.rip, 0x1000 + 5 + 3 + 5 + 3 + 5);
 }
+
+#[test]
+fn linux_fxsave_leak_sequence_fnclex_emms_fild() {
+    // restore_fpregs_from_fpstate() on AMD: fnclex; emms; fild dword [rdi]
+    let mut m = TestMachine::long64();
+    m.fpu.fcw = 0x037f;
+    m.fpu.ftwx = 0x01;
+    m.regs.rdi = 0x8010;
+    m.poke(0x8010, &(-7i32).to_le_bytes());
+    assert_eq!(run(&mut m, &[0xdb, 0xe2]), "fnclex");
+    assert_eq!(run(&mut m, &[0x0f, 0x77]), "emms");
+    assert_eq!(m.fpu.ftwx, 0);
+    assert_eq!(run(&mut m, &[0xdb, 0x07]), "fild");
+    assert_eq!((m.fpu.fsw >> 11) & 7, 7, "TOP moved down");
+    assert_eq!(m.fpu.ftwx, 0x80);
+    // -7.0 = sign 1, exponent 16383+2, mantissa 0b111 << 61
+    assert_eq!(&m.fpu.fpr[0][..10], &[0, 0, 0, 0, 0, 0, 0, 0xe0, 0x01, 0xc0]);
+    assert_eq!(m.regs.rip, 0x1006);
+}
+
+#[test]
+fn fild_word_and_qword() {
+    let mut m = TestMachine::long64();
+    m.fpu.fcw = 0x037f;
+    m.poke(0x8000, &1u16.to_le_bytes());
+    m.poke(0x8008, &(1i64 << 40).to_le_bytes());
+    // fild word [rsp]; fild qword [rsp+8]
+    assert_eq!(run(&mut m, &[0xdf, 0x04, 0x24]), "fild");
+    assert_eq!(&m.fpu.fpr[0][7..10], &[0x80, 0xff, 0x3f]);
+    assert_eq!(run(&mut m, &[0xdf, 0x6c, 0x24, 0x08]), "fild");
+    assert_eq!(&m.fpu.fpr[0][7..10], &[0x80, 0x27, 0x40], "2^40");
+    assert_eq!(&m.fpu.fpr[1][7..10], &[0x80, 0xff, 0x3f], "1.0 now in ST(1)");
+    assert_eq!(m.fpu.ftwx, 0xc0);
+}
