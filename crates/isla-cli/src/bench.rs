@@ -2,14 +2,16 @@
 //! user would start it), and reports the boot phases and the monitor's memory with median and
 //! spread. `isla lab` reuses it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::Value;
 
 use crate::kit::Kit;
+use crate::peer;
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -34,6 +36,13 @@ pub struct BenchArgs {
     /// Write every run's report and the summary as JSON here.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// A Firecracker binary: boot the same kernel and initrd there too, measured the same way from
+    /// outside, and print the ratios.
+    #[arg(long)]
+    firecracker: Option<PathBuf>,
+    /// How long a side-by-side run may take before the bench stops it, seconds.
+    #[arg(long, default_value_t = 150)]
+    peer_limit: u64,
 }
 
 /// Median, minimum and maximum of the samples.
@@ -106,7 +115,6 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         }
         reports.push(v);
     }
-    let _ = std::fs::remove_dir_all(&dir);
     let first = &reports[0];
     println!(
         "isla microVM boot: {} vCPU, {} MiB, kernel {} ({}), template {}, {} host, {} run(s)",
@@ -137,11 +145,92 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             None => println!("{name:<34} {:>12}", "not reached"),
         }
     }
+    let peers = match &a.firecracker {
+        Some(fc) => side_by_side(a, fc, &kernel, initrd.as_deref(), &dir)?,
+        None => Value::Null,
+    };
+    let _ = std::fs::remove_dir_all(&dir);
     if let Some(out) = &a.out {
-        let doc = serde_json::json!({"summary": summary, "runs": reports});
+        let doc = serde_json::json!({"summary": summary, "runs": reports, "side_by_side": peers});
         std::fs::write(out, serde_json::to_string_pretty(&doc)?).with_context(|| format!("--out {}", out.display()))?;
     }
     Ok(())
+}
+
+/// Boots the same kernel and initrd on isla and on Firecracker, each spawned by the bench with
+/// its console on stdout, and prints both with ratios (Firecracker / isla).
+fn side_by_side(a: &BenchArgs, fc: &Path, kernel: &Path, initrd: Option<&Path>, dir: &Path) -> Result<Value> {
+    let memory = isla_vmm::config::parse_memory(&a.memory)?;
+    let cmdline = a.cmdline.clone().unwrap_or_else(|| isla_vmm::config::DEFAULT_CMDLINE.to_string());
+    let limit = Duration::from_secs(a.peer_limit);
+    let stop_text = "Run /init";
+
+    let mut isla = Command::new(std::env::current_exe()?);
+    isla.args(["vm", "run", "--quiet", "--console", "stdio", "--cpus", &a.cpus.to_string(), "--memory", &a.memory])
+        .args(["--cmdline", &cmdline])
+        .arg("--kernel")
+        .arg(kernel);
+    if let Some(i) = initrd {
+        isla.arg("--initrd").arg(i);
+    }
+    eprintln!("side by side: isla ...");
+    let isla_s = peer::measure(isla, memory, stop_text, limit)?;
+
+    let mut boot = serde_json::json!({"kernel_image_path": kernel, "boot_args": cmdline});
+    if let Some(i) = initrd {
+        boot["initrd_path"] = serde_json::json!(i);
+    }
+    let config = serde_json::json!({
+        "boot-source": boot,
+        "machine-config": {"vcpu_count": a.cpus, "mem_size_mib": memory >> 20},
+    });
+    let cfg_path = dir.join("firecracker.json");
+    std::fs::write(&cfg_path, serde_json::to_string_pretty(&config)?)?;
+    let mut fcc = Command::new(fc);
+    fcc.arg("--no-api").arg("--config-file").arg(&cfg_path);
+    eprintln!("side by side: firecracker ({}) ...", fc.display());
+    let fc_s = peer::measure(fcc, memory, stop_text, limit)?;
+
+    let f1 = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.0} ms"));
+    let ratio = |i: Option<f64>, f: Option<f64>| match (i, f) {
+        (Some(i), Some(f)) if i > 0.0 => format!("{:.2}x", f / i),
+        _ => "-".to_string(),
+    };
+    println!();
+    println!("side by side, same kernel and initrd, measured from outside (ratio = firecracker / isla):");
+    println!("{:<36} {:>16} {:>16} {:>8}", "metric", "isla", "firecracker", "ratio");
+    println!(
+        "{:<36} {:>16} {:>16} {:>8}",
+        "spawn -> kernel banner",
+        f1(isla_s.spawn_to_kernel_banner_ms),
+        f1(fc_s.spawn_to_kernel_banner_ms),
+        ratio(isla_s.spawn_to_kernel_banner_ms, fc_s.spawn_to_kernel_banner_ms)
+    );
+    println!(
+        "{:<36} {:>16} {:>16} {:>8}",
+        format!("spawn -> {stop_text:?}"),
+        f1(isla_s.spawn_to_stop_text_ms),
+        f1(fc_s.spawn_to_stop_text_ms),
+        ratio(isla_s.spawn_to_stop_text_ms, fc_s.spawn_to_stop_text_ms)
+    );
+    let kib = |v: Option<u64>| v.map_or("-".to_string(), |x| format!("{x} KiB"));
+    println!(
+        "{:<36} {:>16} {:>16} {:>8}",
+        "monitor Pss beside guest RAM",
+        kib(isla_s.overhead_pss_kib),
+        kib(fc_s.overhead_pss_kib),
+        ratio(isla_s.overhead_pss_kib.map(|x| x as f64), fc_s.overhead_pss_kib.map(|x| x as f64))
+    );
+    println!("{:<36} {:>16} {:>16}", "ended", short(&isla_s.ended), short(&fc_s.ended));
+    println!("firecracker's last lines:");
+    for l in fc_s.tail.iter().rev().take(6).rev() {
+        println!("  | {l}");
+    }
+    Ok(serde_json::json!({"isla": isla_s, "firecracker": fc_s, "firecracker_binary": fc}))
+}
+
+fn short(s: &str) -> String {
+    s.replace("stopped by the bench", "stopped").chars().take(16).collect()
 }
 
 #[cfg(test)]

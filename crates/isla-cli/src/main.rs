@@ -3,6 +3,7 @@
 
 mod bench;
 mod kit;
+mod peer;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -1,0 +1,171 @@
+//! Measuring a monitor process from the outside, the same way for isla and for a peer
+//! (Firecracker): time from spawn to the guest kernel's first console line, the process's memory
+//! beside guest RAM, and how the run ended. Used by `isla vm bench --firecracker`.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+/// What one external measurement saw.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProcessSample {
+    /// Spawn to the first console line containing "Linux version", ms.
+    pub spawn_to_kernel_banner_ms: Option<f64>,
+    /// Spawn to the stop text (e.g. "Run /init"), ms.
+    pub spawn_to_stop_text_ms: Option<f64>,
+    /// Pss of the process minus its guest-RAM mappings, KiB, one second after the banner (or
+    /// before exit).
+    pub overhead_pss_kib: Option<u64>,
+    /// How the run ended: "exit N", "signal", or "stopped by the bench after N s".
+    pub ended: String,
+    /// Spawn to end, ms.
+    pub wall_ms: f64,
+    /// The last console and error lines.
+    pub tail: Vec<String>,
+}
+
+/// Pss of a process outside mappings of at least `guest_bytes * 9 / 10` (guest RAM), KiB.
+pub fn overhead_pss_kib(pid: u32, guest_bytes: u64) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let mut total = 0u64;
+    let mut big = false;
+    for line in text.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-') {
+            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                big = b.saturating_sub(a) >= guest_bytes / 10 * 9;
+                continue;
+            }
+        }
+        if let Some(rest) = line.strip_prefix("Pss:") {
+            if !big {
+                total += rest.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+            }
+        }
+    }
+    Some(total)
+}
+
+fn stop(child: &mut Child) {
+    // SAFETY: kill(2) on our own child's pid has no memory effects.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    for _ in 0..100 {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Runs `cmd` (console on its stdout), stopping it when `stop_text` appears or after `limit`.
+pub fn measure(mut cmd: Command, guest_bytes: u64, stop_text: &str, limit: Duration) -> Result<ProcessSample> {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
+    let start = Instant::now();
+    let mut child = cmd.spawn().with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    let (tx, rx) = mpsc::channel::<(Instant, String)>();
+    for pipe in [
+        child.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        child.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(|l| l.ok()) {
+                if tx.send((Instant::now(), line)).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    drop(tx);
+    let ms = |t: Instant| t.duration_since(start).as_secs_f64() * 1000.0;
+    let (mut banner, mut stopped_at, mut pss) = (None, None, None);
+    let mut tail: Vec<String> = Vec::new();
+    let ended = loop {
+        while let Ok((t, line)) = rx.try_recv() {
+            if banner.is_none() && line.contains("Linux version") {
+                banner = Some(t);
+            }
+            if stopped_at.is_none() && line.contains(stop_text) {
+                stopped_at = Some(t);
+            }
+            tail.push(line);
+            if tail.len() > 15 {
+                tail.remove(0);
+            }
+        }
+        if pss.is_none() && banner.is_some_and(|b| b.elapsed() >= Duration::from_secs(1)) {
+            pss = overhead_pss_kib(child.id(), guest_bytes);
+        }
+        if let Some(status) = child.try_wait()? {
+            break match status.code() {
+                Some(c) => format!("exit {c}"),
+                None => "signal".to_string(),
+            };
+        }
+        if stopped_at.is_some() {
+            if pss.is_none() {
+                pss = overhead_pss_kib(child.id(), guest_bytes);
+            }
+            stop(&mut child);
+            break format!("stopped by the bench at {stop_text:?}");
+        }
+        if start.elapsed() > limit {
+            if pss.is_none() {
+                pss = overhead_pss_kib(child.id(), guest_bytes);
+            }
+            stop(&mut child);
+            break format!("stopped by the bench after {} s", limit.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let wall_ms = ms(Instant::now());
+    std::thread::sleep(Duration::from_millis(50));
+    while let Ok((_, line)) = rx.try_recv() {
+        tail.push(line);
+    }
+    let skip = tail.len().saturating_sub(15);
+    Ok(ProcessSample {
+        spawn_to_kernel_banner_ms: banner.map(ms),
+        spawn_to_stop_text_ms: stopped_at.map(ms),
+        overhead_pss_kib: pss,
+        ended,
+        wall_ms,
+        tail: tail.split_off(skip),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn measures_a_real_process() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo 'Linux version 1'; sleep 0.2; echo 'Run /init'; sleep 5"]);
+        let s = measure(cmd, 1 << 30, "Run /init", Duration::from_secs(20)).unwrap();
+        let b = s.spawn_to_kernel_banner_ms.unwrap();
+        let r = s.spawn_to_stop_text_ms.unwrap();
+        assert!(b < r, "{s:?}");
+        assert!(s.ended.starts_with("stopped by the bench"), "{s:?}");
+        assert!(s.overhead_pss_kib.unwrap() > 0);
+        assert_eq!(s.tail, vec!["Linux version 1", "Run /init"]);
+    }
+
+    #[test]
+    fn reports_the_exit_status() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo boom >&2; exit 7"]);
+        let s = measure(cmd, 1 << 30, "never", Duration::from_secs(20)).unwrap();
+        assert_eq!(s.ended, "exit 7");
+        assert_eq!(s.spawn_to_kernel_banner_ms, None);
+        assert_eq!(s.tail, vec!["boom"]);
+    }
+}
