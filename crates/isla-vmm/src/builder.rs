@@ -313,3 +313,136 @@ mod signals {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mem(size: u64) -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)]).unwrap()
+    }
+
+    fn file(name: &str, data: &[u8]) -> std::path::PathBuf {
+        let p = std::env::temp_dir().join(format!("isla-loader-{}-{name}", std::process::id()));
+        std::fs::write(&p, data).unwrap();
+        p
+    }
+
+    /// A minimal ELF64 executable: one PT_LOAD of `code` at physical 16 MiB, entry there.
+    fn tiny_elf(code: &[u8]) -> Vec<u8> {
+        let mut f = vec![0u8; 0x1000];
+        f[..4].copy_from_slice(b"\x7fELF");
+        f[4] = 2; // 64-bit
+        f[5] = 1; // little-endian
+        f[6] = 1; // version
+        f[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        f[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86-64
+        f[20..24].copy_from_slice(&1u32.to_le_bytes());
+        f[24..32].copy_from_slice(&0x100_0000u64.to_le_bytes()); // e_entry
+        f[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+        f[52..54].copy_from_slice(&64u16.to_le_bytes()); // e_ehsize
+        f[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
+        f[56..58].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
+        let ph = 64;
+        f[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+        f[ph + 4..ph + 8].copy_from_slice(&5u32.to_le_bytes()); // R+X
+        f[ph + 8..ph + 16].copy_from_slice(&0x800u64.to_le_bytes()); // p_offset
+        f[ph + 16..ph + 24].copy_from_slice(&0xffff_ffff_8100_0000u64.to_le_bytes()); // p_vaddr
+        f[ph + 24..ph + 32].copy_from_slice(&0x100_0000u64.to_le_bytes()); // p_paddr
+        f[ph + 32..ph + 40].copy_from_slice(&(code.len() as u64).to_le_bytes()); // p_filesz
+        f[ph + 40..ph + 48].copy_from_slice(&0x2000u64.to_le_bytes()); // p_memsz (with bss)
+        f[ph + 48..ph + 56].copy_from_slice(&0x1000u64.to_le_bytes());
+        f[0x800..0x800 + code.len()].copy_from_slice(code);
+        f
+    }
+
+    /// A minimal bzImage: boot sector + 1 setup sector, then `payload` as the protected-mode part.
+    fn tiny_bzimage(payload: &[u8], kernel_64: bool) -> Vec<u8> {
+        let mut f = vec![0u8; 1024];
+        f[0x1f1] = 1; // setup_sects
+        f[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+        f[0x202..0x206].copy_from_slice(b"HdrS");
+        f[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes()); // protocol 2.15
+        f[0x211] = 1; // loadflags: LOADED_HIGH
+        f[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
+        f[0x22c..0x230].copy_from_slice(&0x37ff_ffffu32.to_le_bytes()); // initrd_addr_max
+        f[0x236..0x238].copy_from_slice(&u16::from(kernel_64).to_le_bytes()); // xloadflags
+        f[0x258..0x260].copy_from_slice(&0x100_0000u64.to_le_bytes()); // pref_address
+        f[0x260..0x264].copy_from_slice(&0x40_0000u32.to_le_bytes()); // init_size
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn loads_an_elf_vmlinux_at_its_physical_address() {
+        let code = [0xf4u8, 0x90, 0x90, 0xeb];
+        let k = file("elf", &tiny_elf(&code));
+        let m = mem(64 << 20);
+        let cfg = VmConfig::new(&k);
+        let kernel = load_kernel(&m, &cfg, KernelFormat::detect(&k).unwrap()).unwrap();
+        assert_eq!(kernel.entry, 0x100_0000);
+        assert!(kernel.end >= 0x100_0000 + code.len() as u64);
+        assert!(kernel.header.is_none());
+        let mut got = [0u8; 4];
+        m.read_slice(&mut got, GuestAddress(0x100_0000)).unwrap();
+        assert_eq!(got, code);
+        let _ = std::fs::remove_file(k);
+    }
+
+    #[test]
+    fn loads_a_bzimage_and_enters_at_the_64_bit_entry() {
+        let payload = vec![0xccu8; 0x400];
+        let k = file("bz", &tiny_bzimage(&payload, true));
+        let m = mem(64 << 20);
+        let kernel = load_kernel(&m, &VmConfig::new(&k), KernelFormat::BzImage).unwrap();
+        assert_eq!(kernel.entry, 0x10_0000 + 0x200, "startup_64 is 0x200 into the protected-mode part");
+        assert_eq!(kernel.end, 0x100_0000 + 0x40_0000, "room to decompress at pref_address");
+        let hdr = kernel.header.unwrap();
+        assert_eq!({ hdr.version }, 0x20f);
+        let mut got = [0u8; 2];
+        m.read_slice(&mut got, GuestAddress(0x10_0000)).unwrap();
+        assert_eq!(got, [0xcc, 0xcc]);
+        let _ = std::fs::remove_file(k);
+    }
+
+    #[test]
+    fn refuses_a_bzimage_without_a_64_bit_entry() {
+        let k = file("bz32", &tiny_bzimage(&[0u8; 0x400], false));
+        let err = load_kernel(&mem(64 << 20), &VmConfig::new(&k), KernelFormat::BzImage).err().unwrap();
+        assert!(err.to_string().contains("XLF_KERNEL_64"), "{err}");
+        let _ = std::fs::remove_file(k);
+    }
+
+    #[test]
+    fn refuses_a_truncated_elf() {
+        let k = file("elf-trunc", &tiny_elf(&[1, 2, 3])[..40]);
+        let err = load_kernel(&mem(64 << 20), &VmConfig::new(&k), KernelFormat::Elf).err().unwrap();
+        assert!(err.to_string().starts_with("--kernel:"), "{err}");
+        let _ = std::fs::remove_file(k);
+    }
+
+    #[test]
+    fn places_the_initrd_high_and_refuses_one_that_does_not_fit() {
+        let k = file("elf-i", &tiny_elf(&[0x90]));
+        let small = file("initrd", &[7u8; 5000]);
+        let m = mem(64 << 20);
+        let mut cfg = VmConfig::new(&k);
+        cfg.memory = 64 << 20;
+        cfg.initrd = Some(small.clone());
+        let kernel = load_kernel(&m, &cfg, KernelFormat::Elf).unwrap();
+        let (addr, size) = load_initrd(&m, &cfg, &kernel).unwrap().unwrap();
+        assert_eq!(size, 5000);
+        assert_eq!(addr % 4096, 0);
+        assert!(addr + size <= 64 << 20 && addr >= kernel.end);
+        let mut b = [0u8; 1];
+        m.read_slice(&mut b, GuestAddress(addr + 4999)).unwrap();
+        assert_eq!(b[0], 7);
+        let big = file("initrd-big", &vec![0u8; 70 << 20]);
+        cfg.initrd = Some(big.clone());
+        let err = load_initrd(&m, &cfg, &kernel).err().unwrap();
+        assert!(err.to_string().contains("does not fit"), "{err}");
+        for p in [k, small, big] {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
