@@ -64,25 +64,7 @@ fn seed_000_config_parses_and_names_what_is_missing() {
     // which the error names.
     let p = tmp("config.json");
     let k = elf();
-    let json = r#"{
-  "boot-source": {
-    "kernel_image_path": "KERNEL",
-    "boot_args": "console=ttyS0 reboot=k panic=1"
-  },
-  "drives": [
-    {
-      "drive_id": "rootfs",
-      "path_on_host": "hello-rootfs.ext4",
-      "is_root_device": true,
-      "is_read_only": false
-    }
-  ],
-  "machine-config": {
-    "vcpu_count": 2,
-    "mem_size_mib": 1024
-  }
-}"#
-    .replace("KERNEL", &k);
+    let json = include_str!("../../../examples/firecracker/seed000-config.json").replace("hello-vmlinux.bin", &k);
     std::fs::write(&p, json).unwrap();
     run_fails(&["--config-file", p.to_str().unwrap()], "drives");
 }

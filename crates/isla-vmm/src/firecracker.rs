@@ -180,25 +180,7 @@ mod tests {
     use super::*;
 
     /// The `config.json` of seed 000 (Parte 3.2), byte for byte.
-    const SEED_000: &str = r#"{
-  "boot-source": {
-    "kernel_image_path": "hello-vmlinux.bin",
-    "boot_args": "console=ttyS0 reboot=k panic=1"
-  },
-  "drives": [
-    {
-      "drive_id": "rootfs",
-      "path_on_host": "hello-rootfs.ext4",
-      "is_root_device": true,
-      "is_read_only": false
-    }
-  ],
-  "machine-config": {
-    "vcpu_count": 2,
-    "mem_size_mib": 1024
-  }
-}
-"#;
+    const SEED_000: &str = include_str!("../../../examples/firecracker/seed000-config.json");
 
     fn p() -> &'static Path {
         Path::new("config.json")
