@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use isla_arch::acpi::{self, AcpiConfig};
 use isla_arch::boot::{self, BootParamsConfig};
-use isla_arch::cpuid::{self, features, CpuTemplate};
+use isla_arch::cpuid::{self, features};
 use isla_arch::layout::*;
 use kvm_bindings::{
     kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region, KVM_CAP_EXIT_ON_EMULATION_FAILURE,
@@ -276,11 +276,6 @@ fn spawn_stdin_reader(devices: Arc<Devices>) {
             }
         }
     });
-}
-
-/// The template that `auto` picks here, for display.
-pub fn auto_template() -> CpuTemplate {
-    crate::config::TemplateChoice::Auto.resolve()
 }
 
 /// SIGINT and SIGTERM stop the guest cleanly (status `stopped`, report written).

@@ -148,7 +148,12 @@ impl Vcpu {
             Ok(VcpuExit::MmioRead(addr, data)) => ("mmio-read", devices.mmio_read(addr, data), Next::Continue),
             Ok(VcpuExit::MmioWrite(addr, data)) => ("mmio-write", devices.mmio_write(addr, data), Next::Continue),
             Ok(VcpuExit::Shutdown) => ("shutdown", "", Next::Exit(GuestExit::TripleFault)),
-            Ok(VcpuExit::Hlt) => ("hlt", "", Next::Exit(GuestExit::Poweroff { via: "hlt" })),
+            // With the in-kernel LAPIC, HLT is handled by KVM; an HLT exit means something is wrong.
+            Ok(VcpuExit::Hlt) => {
+                let message =
+                    format!("vCPU {}: unexpected KVM_EXIT_HLT (the in-kernel LAPIC should handle HLT)", self.id);
+                ("hlt", "", Next::Exit(GuestExit::Error { message }))
+            }
             Ok(VcpuExit::SystemEvent(t, _)) if t == KVM_SYSTEM_EVENT_SHUTDOWN => {
                 ("system-event", "", Next::Exit(GuestExit::Poweroff { via: "system-event" }))
             }
