@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# Build the whole guest kit (kernel, initramfs, ext4 rootfs), reusing cached pieces, and write
+# Build the whole guest kit (kernel in its standard and nested flavours, initramfs, ext4 rootfs),
+# reusing cached pieces, and write
 # ~/.cache/isla/guest-kit.env naming them. Tests and `isla` read that file to find the kit.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${ISLA_CACHE:-$HOME/.cache/isla}
-kernel=$("$here/build-kernel.sh")
+kernel=$("$here/build-kernel.sh" standard)
+nested=$("$here/build-kernel.sh" nested)
 rootfs=$("$here/build-initramfs.sh")
 mkdir -p "$cache"
 cat > "$cache/guest-kit.env.tmp" <<ENV
 ISLA_KERNEL_VMLINUX=$kernel/vmlinux
 ISLA_KERNEL_BZIMAGE=$kernel/bzImage
+ISLA_KERNEL_NESTED_VMLINUX=$nested/vmlinux
+ISLA_KERNEL_NESTED_BZIMAGE=$nested/bzImage
 ISLA_INITRAMFS=$rootfs/initramfs.cpio
 ISLA_ROOTFS=$rootfs/rootfs.ext4
 ENV

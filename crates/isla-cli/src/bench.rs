@@ -18,6 +18,9 @@ pub struct BenchArgs {
     /// Kernel (default: the guest kit's vmlinux).
     #[arg(long)]
     kernel: Option<PathBuf>,
+    /// Which guest-kit kernel to use when --kernel is not given.
+    #[arg(long, value_enum, default_value = "auto")]
+    flavour: crate::kit::Flavour,
     /// Initrd (default: the guest kit's initramfs).
     #[arg(long)]
     initrd: Option<PathBuf>,
@@ -75,7 +78,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         (Some(k), i) => (k.clone(), i.clone()),
         (None, i) => {
             let kit = Kit::find()?;
-            (kit.vmlinux, i.clone().or(Some(kit.initramfs)))
+            (kit.kernel(a.flavour, false).clone(), i.clone().or(Some(kit.initramfs)))
         }
     };
     let exe = std::env::current_exe().context("finding the isla binary")?;
@@ -182,6 +185,7 @@ fn side_by_side(a: &BenchArgs, fc: &Path, kernel: &Path, initrd: Option<&Path>, 
     }
     let config = serde_json::json!({
         "boot-source": boot,
+        "drives": [],
         "machine-config": {"vcpu_count": a.cpus, "mem_size_mib": memory >> 20},
     });
     let cfg_path = dir.join("firecracker.json");

@@ -7,8 +7,12 @@ use anyhow::{bail, Context, Result};
 
 /// Paths of the guest kit.
 pub struct Kit {
+    /// The standard (unpatched) kernel.
     pub vmlinux: PathBuf,
     pub bzimage: PathBuf,
+    /// The nested flavour, for hosts whose KVM emulates the guest kernel (docs/nested-kvm.md).
+    pub nested_vmlinux: PathBuf,
+    pub nested_bzimage: PathBuf,
     pub initramfs: PathBuf,
     pub rootfs: PathBuf,
 }
@@ -50,16 +54,51 @@ impl Kit {
         Ok(Kit {
             vmlinux: get("ISLA_KERNEL_VMLINUX")?,
             bzimage: get("ISLA_KERNEL_BZIMAGE")?,
+            nested_vmlinux: get("ISLA_KERNEL_NESTED_VMLINUX")?,
+            nested_bzimage: get("ISLA_KERNEL_NESTED_BZIMAGE")?,
             initramfs: get("ISLA_INITRAMFS")?,
             rootfs: get("ISLA_ROOTFS")?,
         })
     }
 
+    /// The kernel of this flavour (`auto`: nested on nested PVM hosts, standard elsewhere).
+    pub fn kernel(&self, flavour: Flavour, bzimage: bool) -> &PathBuf {
+        match (flavour.resolve(), bzimage) {
+            (Flavour::Nested, false) => &self.nested_vmlinux,
+            (Flavour::Nested, true) => &self.nested_bzimage,
+            (_, false) => &self.vmlinux,
+            (_, true) => &self.bzimage,
+        }
+    }
+
     pub fn print(&self) {
         println!("vmlinux   {}", self.vmlinux.display());
         println!("bzImage   {}", self.bzimage.display());
+        println!("nested-vmlinux {}", self.nested_vmlinux.display());
+        println!("nested-bzImage {}", self.nested_bzimage.display());
         println!("initramfs {}", self.initramfs.display());
         println!("rootfs    {}", self.rootfs.display());
+    }
+}
+
+/// Which guest-kit kernel to boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Flavour {
+    /// Nested on nested (PVM) hosts, standard elsewhere.
+    Auto,
+    /// Unpatched, for hardware KVM.
+    Standard,
+    /// With the nested-host system-call fix-up.
+    Nested,
+}
+
+impl Flavour {
+    pub fn resolve(self) -> Flavour {
+        match self {
+            Flavour::Auto if isla_vmm::host::is_nested_pvm() => Flavour::Nested,
+            Flavour::Auto => Flavour::Standard,
+            f => f,
+        }
     }
 }
 

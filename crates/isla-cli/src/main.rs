@@ -54,6 +54,9 @@ pub struct RunArgs {
     /// Kernel: ELF vmlinux or bzImage (default: the guest kit's vmlinux).
     #[arg(long, conflicts_with = "config_file")]
     kernel: Option<PathBuf>,
+    /// Which guest-kit kernel to use when --kernel is not given.
+    #[arg(long, value_enum, default_value = "auto")]
+    flavour: kit::Flavour,
     /// Initial RAM disk (default with the kit's kernel: the kit's initramfs).
     #[arg(long, conflicts_with = "config_file")]
     initrd: Option<PathBuf>,
@@ -99,7 +102,7 @@ impl RunArgs {
                     Some(k) => (k.clone(), None),
                     None => {
                         let kit = kit::Kit::find()?;
-                        (kit.vmlinux, Some(kit.initramfs))
+                        (kit.kernel(self.flavour, false).clone(), Some(kit.initramfs))
                     }
                 };
                 let mut c = VmConfig::new(kernel);

@@ -13,6 +13,8 @@ pub fn isla() -> Command {
 pub struct Kit {
     pub vmlinux: PathBuf,
     pub bzimage: PathBuf,
+    pub nested_vmlinux: PathBuf,
+    pub nested_bzimage: PathBuf,
     pub initramfs: PathBuf,
 }
 
@@ -27,6 +29,8 @@ pub fn kvm_and_kit() -> Option<Kit> {
         (true, true) => Some(Kit {
             vmlinux: get("vmlinux").unwrap(),
             bzimage: get("bzImage").unwrap(),
+            nested_vmlinux: get("nested-vmlinux").unwrap(),
+            nested_bzimage: get("nested-bzImage").unwrap(),
             initramfs: get("initramfs").unwrap(),
         }),
         _ if required => {

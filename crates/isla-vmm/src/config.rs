@@ -15,7 +15,7 @@ pub const MAX_VCPUS: u8 = 32;
 /// Smallest guest accepted (the kernel, its decompression room and the initrd must fit).
 pub const MIN_MEMORY: u64 = 16 << 20;
 /// Command line used when none is given.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
 
 /// Configuration errors.
 #[derive(Debug, thiserror::Error)]
