@@ -169,6 +169,7 @@ fn side_by_side(a: &BenchArgs, fc: &Path, kernel: &Path, initrd: Option<&Path>, 
     let stop_text = "Run /init";
 
     let mut isla = Command::new(std::env::current_exe()?);
+    isla.env("ISLA_LOG", "isla_vmm=info");
     isla.args(["vm", "run", "--quiet", "--console", "stdio", "--cpus", &a.cpus.to_string(), "--memory", &a.memory])
         .args(["--cmdline", &cmdline])
         .arg("--kernel")
@@ -177,7 +178,7 @@ fn side_by_side(a: &BenchArgs, fc: &Path, kernel: &Path, initrd: Option<&Path>, 
         isla.arg("--initrd").arg(i);
     }
     eprintln!("side by side: isla ...");
-    let isla_s = peer::measure(isla, memory, stop_text, limit)?;
+    let isla_s = peer::measure(isla, memory, isla_vmm::builder::STARTED_LOG, stop_text, limit)?;
 
     let mut boot = serde_json::json!({"kernel_image_path": kernel, "boot_args": cmdline});
     if let Some(i) = initrd {
@@ -193,9 +194,9 @@ fn side_by_side(a: &BenchArgs, fc: &Path, kernel: &Path, initrd: Option<&Path>, 
     let mut fcc = Command::new(fc);
     fcc.arg("--no-api").arg("--config-file").arg(&cfg_path);
     eprintln!("side by side: firecracker ({}) ...", fc.display());
-    let fc_s = peer::measure(fcc, memory, stop_text, limit)?;
+    let fc_s = peer::measure(fcc, memory, "Successfully started microvm", stop_text, limit)?;
 
-    let f1 = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.0} ms"));
+    let f1 = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.1} ms"));
     let ratio = |i: Option<f64>, f: Option<f64>| match (i, f) {
         (Some(i), Some(f)) if i > 0.0 => format!("{:.2}x", f / i),
         _ => "-".to_string(),
@@ -203,6 +204,13 @@ fn side_by_side(a: &BenchArgs, fc: &Path, kernel: &Path, initrd: Option<&Path>, 
     println!();
     println!("side by side, same kernel and initrd, measured from outside (ratio = firecracker / isla):");
     println!("{:<36} {:>16} {:>16} {:>8}", "metric", "isla", "firecracker", "ratio");
+    println!(
+        "{:<36} {:>16} {:>16} {:>8}",
+        "spawn -> guest started (monitor ready)",
+        f1(isla_s.spawn_to_ready_ms),
+        f1(fc_s.spawn_to_ready_ms),
+        ratio(isla_s.spawn_to_ready_ms, fc_s.spawn_to_ready_ms)
+    );
     println!(
         "{:<36} {:>16} {:>16} {:>8}",
         "spawn -> kernel banner",

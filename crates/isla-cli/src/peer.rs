@@ -12,12 +12,14 @@ use anyhow::{Context, Result};
 /// What one external measurement saw.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ProcessSample {
+    /// Spawn to the monitor's own "guest started" log line, ms.
+    pub spawn_to_ready_ms: Option<f64>,
     /// Spawn to the first console line containing "Linux version", ms.
     pub spawn_to_kernel_banner_ms: Option<f64>,
     /// Spawn to the stop text (e.g. "Run /init"), ms.
     pub spawn_to_stop_text_ms: Option<f64>,
-    /// Pss of the process minus its guest-RAM mappings, KiB, one second after the banner (or
-    /// before exit).
+    /// Pss of the process minus its guest-RAM mappings, KiB: one second after the guest started
+    /// (at rest), or the last sample before the process ended.
     pub overhead_pss_kib: Option<u64>,
     /// How the run ended: "exit N", "signal", or "stopped by the bench after N s".
     pub ended: String,
@@ -63,7 +65,14 @@ fn stop(child: &mut Child) {
 }
 
 /// Runs `cmd` (console on its stdout), stopping it when `stop_text` appears or after `limit`.
-pub fn measure(mut cmd: Command, guest_bytes: u64, stop_text: &str, limit: Duration) -> Result<ProcessSample> {
+/// `ready_text` is the monitor's log line saying the guest has started.
+pub fn measure(
+    mut cmd: Command,
+    guest_bytes: u64,
+    ready_text: &str,
+    stop_text: &str,
+    limit: Duration,
+) -> Result<ProcessSample> {
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
     let start = Instant::now();
     let mut child = cmd.spawn().with_context(|| format!("starting {:?}", cmd.get_program()))?;
@@ -86,10 +95,15 @@ pub fn measure(mut cmd: Command, guest_bytes: u64, stop_text: &str, limit: Durat
     }
     drop(tx);
     let ms = |t: Instant| t.duration_since(start).as_secs_f64() * 1000.0;
-    let (mut banner, mut stopped_at, mut pss) = (None, None, None);
+    let (mut ready, mut banner, mut stopped_at, mut pss) = (None, None, None, None);
+    let mut at_rest = false;
+    let mut last_sample = Instant::now();
     let mut tail: Vec<String> = Vec::new();
     let ended = loop {
         while let Ok((t, line)) = rx.try_recv() {
+            if ready.is_none() && line.contains(ready_text) {
+                ready = Some(t);
+            }
             if banner.is_none() && line.contains("Linux version") {
                 banner = Some(t);
             }
@@ -101,8 +115,16 @@ pub fn measure(mut cmd: Command, guest_bytes: u64, stop_text: &str, limit: Durat
                 tail.remove(0);
             }
         }
-        if pss.is_none() && banner.is_some_and(|b| b.elapsed() >= Duration::from_secs(1)) {
-            pss = overhead_pss_kib(child.id(), guest_bytes);
+        // Memory at rest: one second after the guest started; until then, keep the latest sample
+        // (every 250 ms) so that a monitor that dies early still has one.
+        if !at_rest {
+            if ready.or(banner).is_some_and(|r| r.elapsed() >= Duration::from_secs(1)) {
+                pss = overhead_pss_kib(child.id(), guest_bytes).or(pss);
+                at_rest = true;
+            } else if last_sample.elapsed() >= Duration::from_millis(250) {
+                pss = overhead_pss_kib(child.id(), guest_bytes).or(pss);
+                last_sample = Instant::now();
+            }
         }
         if let Some(status) = child.try_wait()? {
             break match status.code() {
@@ -111,16 +133,10 @@ pub fn measure(mut cmd: Command, guest_bytes: u64, stop_text: &str, limit: Durat
             };
         }
         if stopped_at.is_some() {
-            if pss.is_none() {
-                pss = overhead_pss_kib(child.id(), guest_bytes);
-            }
             stop(&mut child);
             break format!("stopped by the bench at {stop_text:?}");
         }
         if start.elapsed() > limit {
-            if pss.is_none() {
-                pss = overhead_pss_kib(child.id(), guest_bytes);
-            }
             stop(&mut child);
             break format!("stopped by the bench after {} s", limit.as_secs());
         }
@@ -133,6 +149,7 @@ pub fn measure(mut cmd: Command, guest_bytes: u64, stop_text: &str, limit: Durat
     }
     let skip = tail.len().saturating_sub(15);
     Ok(ProcessSample {
+        spawn_to_ready_ms: ready.map(ms),
         spawn_to_kernel_banner_ms: banner.map(ms),
         spawn_to_stop_text_ms: stopped_at.map(ms),
         overhead_pss_kib: pss,
@@ -149,21 +166,23 @@ mod tests {
     #[test]
     fn measures_a_real_process() {
         let mut cmd = Command::new("sh");
-        cmd.args(["-c", "echo 'Linux version 1'; sleep 0.2; echo 'Run /init'; sleep 5"]);
-        let s = measure(cmd, 1 << 30, "Run /init", Duration::from_secs(20)).unwrap();
+        cmd.args(["-c", "echo started; echo 'Linux version 1'; sleep 1.5; echo 'Run /init'; sleep 5"]);
+        let s = measure(cmd, 1 << 30, "started", "Run /init", Duration::from_secs(20)).unwrap();
+        assert!(s.spawn_to_ready_ms.unwrap() <= s.spawn_to_kernel_banner_ms.unwrap());
         let b = s.spawn_to_kernel_banner_ms.unwrap();
         let r = s.spawn_to_stop_text_ms.unwrap();
         assert!(b < r, "{s:?}");
         assert!(s.ended.starts_with("stopped by the bench"), "{s:?}");
         assert!(s.overhead_pss_kib.unwrap() > 0);
-        assert_eq!(s.tail, vec!["Linux version 1", "Run /init"]);
+        assert_eq!(s.tail, vec!["started", "Linux version 1", "Run /init"]);
     }
 
     #[test]
     fn reports_the_exit_status() {
         let mut cmd = Command::new("sh");
-        cmd.args(["-c", "echo boom >&2; exit 7"]);
-        let s = measure(cmd, 1 << 30, "never", Duration::from_secs(20)).unwrap();
+        cmd.args(["-c", "echo boom >&2; sleep 0.6; exit 7"]);
+        let s = measure(cmd, 1 << 30, "never", "never", Duration::from_secs(20)).unwrap();
+        assert!(s.overhead_pss_kib.is_some(), "sampled before the process ended");
         assert_eq!(s.ended, "exit 7");
         assert_eq!(s.spawn_to_kernel_banner_ms, None);
         assert_eq!(s.tail, vec!["boom"]);

@@ -27,6 +27,10 @@ use crate::state::VmShared;
 use crate::vcpu::{self, Vcpu};
 use crate::{host, VmmError};
 
+/// Logged (at info level) once every vCPU thread has started: the monitor is ready and the guest
+/// is running. `isla vm bench` times it as Firecracker's "Successfully started microvm".
+pub const STARTED_LOG: &str = "guest started";
+
 fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmmError {
     move |source| VmmError::Kvm { what, source }
 }
@@ -145,6 +149,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
             .map_err(|e| VmmError::Setup(format!("vCPU thread: {e}")))?;
         threads.push(t);
     }
+    tracing::info!("{STARTED_LOG}: {} vCPU(s)", threads.len());
     if cfg.console == ConsoleConfig::Stdio {
         spawn_stdin_reader(devices.clone());
     }
