@@ -25,15 +25,11 @@ use crate::devices::{console::Console, Devices};
 use crate::report::RunReport;
 use crate::state::VmShared;
 use crate::vcpu::{self, Vcpu};
-use crate::{host, VmmError};
+use crate::{host, kvm_err, VmmError};
 
 /// Logged (at info level) once every vCPU thread has started: the monitor is ready and the guest
 /// is running. `isla vm bench` times it as Firecracker's "Successfully started microvm".
 pub const STARTED_LOG: &str = "guest started";
-
-fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmmError {
-    move |source| VmmError::Kvm { what, source }
-}
 
 /// A loaded kernel.
 struct Kernel {

@@ -54,3 +54,8 @@ pub enum VmmError {
     #[error("{0}")]
     Setup(String),
 }
+
+/// Maps a failed KVM ioctl to [`VmmError::Kvm`] naming it.
+pub(crate) fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmmError {
+    move |source| VmmError::Kvm { what, source }
+}

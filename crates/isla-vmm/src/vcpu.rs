@@ -18,15 +18,14 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use crate::devices::Devices;
 use crate::kvm_exit::{self, hex};
 use crate::state::{GuestExit, VmShared};
-use crate::VmmError;
+use crate::{kvm_err, VmmError};
 
 /// Configures one vCPU: CPUID for its id, boot MSRs, LAPIC virtual wire, and for the boot vCPU
 /// the long-mode registers at `entry`. Returns the CPUID as KVM reports it back (what the guest sees).
 pub fn configure(fd: &VcpuFd, id: u8, cpuid: &CpuId, boot_entry: Option<u64>) -> Result<CpuId, VmmError> {
-    let kvm = |what: &'static str| move |e: kvm_ioctls::Error| VmmError::Kvm { what, source: e };
-    fd.set_cpuid2(cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
+    fd.set_cpuid2(cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
     // What the vCPU really shows: some hosts (nested PVM) answer CPUID from the host whatever was set.
-    let effective = fd.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES).map_err(kvm("KVM_GET_CPUID2"))?;
+    let effective = fd.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_CPUID2"))?;
     for (set, got) in cpuid.as_slice().iter().zip(effective.as_slice()) {
         if (set.eax, set.ebx, set.ecx, set.edx) != (got.eax, got.ebx, got.ecx, got.edx) {
             tracing::debug!(
@@ -49,23 +48,23 @@ pub fn configure(fd: &VcpuFd, id: u8, cpuid: &CpuId, boot_entry: Option<u64>) ->
         .map(|(index, data)| kvm_msr_entry { index, data, ..Default::default() })
         .collect();
     let msrs = Msrs::from_entries(&entries).map_err(|e| VmmError::Setup(format!("MSR list: {e:?}")))?;
-    let n = fd.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
+    let n = fd.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
     if n != entries.len() {
         let idx = entries.get(n).map_or(0, |e| e.index);
         return Err(VmmError::Setup(format!("KVM refused boot MSR {idx:#x} on vCPU {id}")));
     }
-    let mut lapic = fd.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?;
+    let mut lapic = fd.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
     // SAFETY: kvm_lapic_state.regs is a plain 1 KiB byte array; reinterpreting c_char as u8 is sound.
     let regs: &mut [u8] =
         unsafe { std::slice::from_raw_parts_mut(lapic.regs.as_mut_ptr().cast::<u8>(), lapic.regs.len()) };
     boot::set_lapic_virtual_wire(regs);
-    fd.set_lapic(&lapic).map_err(kvm("KVM_SET_LAPIC"))?;
+    fd.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
     if let Some(entry) = boot_entry {
-        let mut sregs = fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
+        let mut sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
         boot::long_mode_sregs(&mut sregs);
-        fd.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS"))?;
-        fd.set_regs(&boot::boot_regs(entry)).map_err(kvm("KVM_SET_REGS"))?;
-        fd.set_fpu(&boot::boot_fpu()).map_err(kvm("KVM_SET_FPU"))?;
+        fd.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+        fd.set_regs(&boot::boot_regs(entry)).map_err(kvm_err("KVM_SET_REGS"))?;
+        fd.set_fpu(&boot::boot_fpu()).map_err(kvm_err("KVM_SET_FPU"))?;
     }
     Ok(effective)
 }
