@@ -90,6 +90,9 @@ fn auto_flavour_runs_init_to_the_boot_marker_and_powers_off() {
     assert_eq!(report["exit"]["via"], "acpi");
     assert_eq!(code, 0);
     assert!(console.contains("reboot: Power down"), "{console}");
+    // init's own output reaches the console through the tty and the UART's interrupt.
+    assert!(console.contains("isla-init: started"), "{console}");
+    assert!(console.contains("isla-init: cpus=2 "), "the guest's user space sees 2 CPUs:\n{console}");
     assert!(report["milestones"].as_array().unwrap().iter().any(|m| m["name"] == "boot_marker"), "{report}");
     assert!(report["phases"]["boot_start_to_boot_marker_ms"].as_f64().unwrap() > 0.0);
     assert_eq!(report["memory"]["measured_at"], "boot_marker");
