@@ -52,11 +52,6 @@ pub fn internal_error(run: &kvm_run) -> Option<InternalError> {
     Some(InternalError { suberror: internal.suberror, insn, data: internal.data[..ndata].to_vec() })
 }
 
-/// Hex dump of bytes, space separated.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -80,7 +75,7 @@ mod tests {
         assert_eq!(e.suberror, 1);
         assert_eq!(e.insn, Some(vec![0x0f, 0x01, 0xca]));
         assert_eq!(e.data.len(), 3);
-        assert_eq!(hex(&[0x0f, 0x01, 0xca]), "0f 01 ca");
+        assert_eq!(isla_insn::hex(&[0x0f, 0x01, 0xca]), "0f 01 ca");
         assert_eq!(suberror_name(2), "KVM_INTERNAL_ERROR_SIMUL_EX");
     }
 

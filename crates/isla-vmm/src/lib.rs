@@ -59,3 +59,9 @@ pub enum VmmError {
 pub(crate) fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmmError {
     move |source| VmmError::Kvm { what, source }
 }
+
+/// Locks a mutex shared with the vCPU threads; a thread that panicked while holding it does not
+/// make the state unusable for the others (the data here stays consistent between statements).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

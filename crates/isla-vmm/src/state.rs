@@ -8,6 +8,7 @@ use std::sync::{Condvar, Mutex};
 use serde::Serialize;
 
 use crate::host::{self, PssSplit};
+use crate::lock;
 
 /// How a guest run ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -88,10 +89,6 @@ pub struct VmShared {
     memory: Mutex<Option<(&'static str, PssSplit)>>,
     guest_ranges: Mutex<Vec<(u64, u64)>>,
     final_rips: Mutex<BTreeMap<u8, u64>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl VmShared {

@@ -16,9 +16,10 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::devices::Devices;
-use crate::kvm_exit::{self, hex};
+use crate::kvm_exit;
 use crate::state::{GuestExit, VmShared};
 use crate::{kvm_err, VmmError};
+use isla_insn::hex;
 
 /// Configures one vCPU: CPUID for its id, boot MSRs, LAPIC virtual wire, and for the boot vCPU
 /// the long-mode registers at `entry`. Returns the CPUID as KVM reports it back (what the guest sees).

@@ -12,8 +12,8 @@ use isla_arch::layout::*;
 use vm_superio::{I8042Device, Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::host;
 use crate::state::{GuestExit, VmShared};
+use crate::{host, lock};
 use console::Console;
 
 /// An interrupt line raised through a KVM irqfd.
@@ -148,10 +148,6 @@ pub fn acpi_sleep_request(value: u8) -> Option<GuestExit> {
     let slp_en = value & (1 << 5) != 0;
     let slp_typ = (value >> 2) & 0x7;
     (slp_en && slp_typ == ACPI_S5_SLEEP_TYPE).then_some(GuestExit::Poweroff { via: "acpi" })
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]
