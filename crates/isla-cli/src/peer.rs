@@ -31,24 +31,8 @@ pub struct ProcessSample {
 
 /// Pss of a process outside mappings of at least `guest_bytes * 9 / 10` (guest RAM), KiB.
 pub fn overhead_pss_kib(pid: u32, guest_bytes: u64) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
-    let mut total = 0u64;
-    let mut big = false;
-    for line in text.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
-        if let Some((a, b)) = first.split_once('-') {
-            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
-                big = b.saturating_sub(a) >= guest_bytes / 10 * 9;
-                continue;
-            }
-        }
-        if let Some(rest) = line.strip_prefix("Pss:") {
-            if !big {
-                total += rest.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
-            }
-        }
-    }
-    Some(total)
+    let is_guest = |start: u64, end: u64| end.saturating_sub(start) >= guest_bytes / 10 * 9;
+    isla_vmm::host::pss_split_of(&format!("/proc/{pid}/smaps"), is_guest).map(|p| p.vmm_kib)
 }
 
 fn stop(child: &mut Child) {
