@@ -162,13 +162,13 @@ impl VmShared {
     }
 
     /// Adds per-vCPU exit counters into the totals.
-    pub fn add_counters(&self, exits: &BTreeMap<String, u64>, emulated: &BTreeMap<&'static str, u64>) {
+    pub fn add_counters(&self, exits: &BTreeMap<String, u64>, emulated: &isla_insn::Stats) {
         let mut c = lock(&self.counters);
         for (k, v) in exits {
             *c.entry(k.clone()).or_default() += v;
         }
         let mut e = lock(&self.emulated);
-        for (k, v) in emulated {
+        for (k, v) in emulated.iter() {
             *e.entry(k).or_default() += v;
         }
     }
@@ -274,8 +274,9 @@ mod tests {
         let s = VmShared::new(0);
         let mut a = BTreeMap::new();
         a.insert("io-out:serial".to_string(), 5u64);
-        let mut e = BTreeMap::new();
-        e.insert("clac", 2u64);
+        let mut e = isla_insn::Stats::new();
+        e.record("clac");
+        e.record("clac");
         s.add_counters(&a, &e);
         s.add_counters(&a, &e);
         assert_eq!(s.counters()["io-out:serial"], 10);

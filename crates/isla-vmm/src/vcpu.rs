@@ -92,7 +92,7 @@ pub struct Vcpu {
     /// Instruction fallback options; None disables the fallback.
     pub fallback: Option<isla_insn::Options>,
     exits: BTreeMap<(&'static str, &'static str), u64>,
-    emulated: BTreeMap<&'static str, u64>,
+    emulated: isla_insn::Stats,
 }
 
 enum Next {
@@ -111,7 +111,7 @@ impl Vcpu {
         mem: GuestMemoryMmap,
         fallback: Option<isla_insn::Options>,
     ) -> Self {
-        Vcpu { id, fd, devices, shared, mem, fallback, exits: BTreeMap::new(), emulated: BTreeMap::new() }
+        Vcpu { id, fd, devices, shared, mem, fallback, exits: BTreeMap::new(), emulated: isla_insn::Stats::new() }
     }
 
     fn count(&mut self, kind: &'static str, target: &'static str) {
@@ -217,7 +217,7 @@ impl Vcpu {
         let mut m = KvmMachine { fd: &self.fd, mem: &self.mem };
         match isla_insn::emulate(&mut m, &bytes, opts) {
             Ok(mnemonic) => {
-                *self.emulated.entry(mnemonic).or_default() += 1;
+                self.emulated.record(mnemonic);
                 Next::Continue
             }
             Err(e) => {
