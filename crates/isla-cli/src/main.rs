@@ -93,7 +93,7 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
-    /// The typed, validated configuration these arguments describe.
+    /// The typed configuration these arguments describe (validated by `isla_vmm::run`).
     pub fn to_config(&self) -> Result<VmConfig> {
         let mut cfg = match &self.config_file {
             Some(f) => isla_vmm::firecracker::load(f)?,
@@ -125,7 +125,7 @@ impl RunArgs {
         cfg.console = self.console.parse::<ConsoleConfig>()?;
         cfg.stop_on_console = self.stop_on_console.clone();
         cfg.insn_fallback = !self.no_insn_fallback;
-        cfg.validate()?;
+        // isla_vmm::run validates the whole configuration before it touches KVM.
         Ok(cfg)
     }
 }
