@@ -201,6 +201,8 @@ pub struct BootParamsConfig {
     pub ram: Vec<(u64, u64)>,
     /// Address of the ACPI RSDP.
     pub rsdp: Option<u64>,
+    /// Address of the first setup_data node (see [`write_rng_seed`]).
+    pub setup_data: Option<u64>,
 }
 
 const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
@@ -228,6 +230,9 @@ pub fn build_boot_params(cfg: &BootParamsConfig) -> Result<boot_params, BootErro
     if let Some(rsdp) = cfg.rsdp {
         params.acpi_rsdp_addr = rsdp;
     }
+    if let Some(sd) = cfg.setup_data {
+        params.hdr.setup_data = sd;
+    }
     let mut entries = vec![(0, EBDA_START, E820_RAM)];
     for &(start, len) in &cfg.ram {
         let start_hi = start.max(HIMEM_START);
@@ -244,6 +249,31 @@ pub fn build_boot_params(cfg: &BootParamsConfig) -> Result<boot_params, BootErro
     }
     params.e820_entries = entries.len() as u8;
     Ok(params)
+}
+
+// The setup_data node lies between the boot page tables and the command line.
+const _: () = assert!(SETUP_DATA_START >= PDE_START + 4 * 4096 && SETUP_DATA_START + 48 <= CMDLINE_START);
+
+/// setup_data type of a random seed for the kernel's CRNG (arch/x86/include/uapi/asm/bootparam.h).
+pub const SETUP_RNG_SEED: u32 = 9;
+
+/// Writes a one-node setup_data list at [`SETUP_DATA_START`] carrying `seed` as SETUP_RNG_SEED, and
+/// returns its address for [`BootParamsConfig::setup_data`].
+///
+/// Linux (5.20 and later, and 6.1) mixes the seed into its CRNG at the first step of boot and, when
+/// it trusts the boot loader (`random.trust_bootloader`, on by default), credits it: with 32 bytes
+/// the CRNG is ready at once, and the kernel does not spend its early boot gathering entropy from
+/// interrupt timing, which is slow where the guest kernel runs under an emulator.
+pub fn write_rng_seed<M: GuestMemoryBackend>(mem: &M, seed: &[u8; 32]) -> Result<u64, BootError> {
+    // struct setup_data { u64 next; u32 type; u32 len; u8 data[]; }
+    let mut node = Vec::with_capacity(16 + seed.len());
+    node.extend_from_slice(&0u64.to_le_bytes());
+    node.extend_from_slice(&SETUP_RNG_SEED.to_le_bytes());
+    node.extend_from_slice(&(seed.len() as u32).to_le_bytes());
+    node.extend_from_slice(seed);
+    mem.write_slice(&node, GuestAddress(SETUP_DATA_START))
+        .map_err(|_| BootError::Write { what: "setup_data", addr: SETUP_DATA_START })?;
+    Ok(SETUP_DATA_START)
 }
 
 /// Writes boot_params at [`ZERO_PAGE_START`].
@@ -344,8 +374,10 @@ mod tests {
             initrd: Some((0x700_0000, 0x1234)),
             ram: vec![(0, 128 << 20)],
             rsdp: Some(ACPI_START),
+            setup_data: Some(SETUP_DATA_START),
         };
         let p = build_boot_params(&cfg).unwrap();
+        assert_eq!({ p.hdr.setup_data }, SETUP_DATA_START);
         assert_eq!({ p.hdr.boot_flag }, 0xaa55);
         assert_eq!({ p.hdr.header }, 0x5372_6448);
         assert_eq!({ p.hdr.type_of_loader }, 0xff);
@@ -371,6 +403,19 @@ mod tests {
         let e = p.e820_table;
         assert_eq!(({ e[1].addr }, { e[1].size }), (HIMEM_START, MMIO_GAP_START - HIMEM_START));
         assert_eq!(({ e[2].addr }, { e[2].size }), (MMIO_GAP_END, (5 << 30) - MMIO_GAP_START));
+    }
+
+    #[test]
+    fn rng_seed_is_one_setup_data_node() {
+        let mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let seed = [0x5a; 32];
+        assert_eq!(write_rng_seed(&mem, &seed).unwrap(), SETUP_DATA_START);
+        let mut node = [0u8; 48];
+        mem.read_slice(&mut node, GuestAddress(SETUP_DATA_START)).unwrap();
+        assert_eq!(&node[0..8], &[0; 8], "last node: next is 0");
+        assert_eq!(u32::from_le_bytes(node[8..12].try_into().unwrap()), SETUP_RNG_SEED);
+        assert_eq!(u32::from_le_bytes(node[12..16].try_into().unwrap()), 32);
+        assert_eq!(&node[16..], &seed);
     }
 
     #[test]

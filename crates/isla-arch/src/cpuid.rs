@@ -408,6 +408,23 @@ const BASELINE_HIDDEN: &[Feature] = {
     ]
 };
 
+/// Features Linux drops by itself when told `noxsave` (its cpuid-deps table: they depend on XSAVE
+/// directly or through AVX).
+const NEEDS_XSAVE: &[Feature] = {
+    use features::*;
+    &[OSXSAVE, XSAVEOPT, XSAVES, AVX, AVX2, AVX512F, FMA, F16C, VAES, PKU]
+};
+
+/// Features hidden from the guest, whatever the template, where the host runs the guest kernel
+/// in its instruction emulator (nested PVM hosts). Each one makes Linux pick a variant of a hot
+/// routine that costs far more under emulation than the one it falls back to:
+///
+/// - ERMS: with it `memset`, `memcpy`, `clear_page` and the user-copy routines use `rep stosb`
+///   and `rep movsb`; the host's emulator runs a `rep` string instruction one element at a time,
+///   so bytes cost eight times what the quadwords of `rep stosq`/`rep movsq` (Linux's choice
+///   without ERMS, on CPUs with good `rep` strings) cost.
+pub const EMULATED_KERNEL_HIDDEN: &[Feature] = &[features::ERMS];
+
 /// Bits of a 32-bit register from `lo` to `hi` inclusive.
 const fn bits(lo: u32, hi: u32) -> u32 {
     (u32::MAX >> (31 - hi)) & (u32::MAX << lo)
@@ -426,6 +443,12 @@ const BASELINE_L7_EDX: u32 = 1 << 26 | 1 << 27 | 1 << 29 | 1 << 31;
 const BASELINE_EXT1_ECX: u32 = 1;
 /// Baseline leaf 0x80000001 EDX: SYSCALL, NX, LM.
 const BASELINE_EXT1_EDX: u32 = 1 << 11 | 1 << 20 | 1 << 29;
+
+/// Baseline leaf 0x80000008 EBX: XSAVEERPTR (FXSAVE and XSAVE always save the x87 error pointers).
+/// A fact about the CPU rather than a feature: without it Linux assumes the old AMD FXSAVE leak
+/// and runs `fnclex; emms; fild` before every FPU-state restore, three instructions the host's
+/// emulator lacks on nested hosts.
+const BASELINE_EXT8_EBX: u32 = 1 << 2;
 
 /// Leaves [`CpuTemplate::Baseline`] zeroes entirely: XSAVE state (0xD), RDT monitoring (0xF) and
 /// allocation (0x10), SGX (0x12), processor trace (0x14).
@@ -534,13 +557,26 @@ pub const CLEARCPUID_MAX: usize = 127;
 /// drops AVX and everything else that depends on XSAVE) and `clearcpuid=` with Linux capability
 /// numbers, in the template's order of importance. Returns the arguments and the names of the
 /// features that did not fit in `clearcpuid=`'s buffer.
-pub fn guest_clear_args(template: CpuTemplate, effective: &CpuId) -> (Vec<String>, Vec<&'static str>) {
+///
+/// `extra` are features hidden on top of the template (see [`EMULATED_KERNEL_HIDDEN`]); they come
+/// first in `clearcpuid=`. Features that `noxsave` already removes (Linux clears what depends on
+/// XSAVE) are not repeated, which leaves room in the 127-byte list.
+pub fn guest_clear_args(
+    template: CpuTemplate,
+    extra: &[Feature],
+    effective: &CpuId,
+) -> (Vec<String>, Vec<&'static str>) {
     let mut args = Vec::new();
     let mut numbers = String::new();
     let mut left_out = Vec::new();
-    for f in hidden_features(template).iter().filter(|f| has_feature(effective, f)) {
+    let hidden: Vec<&Feature> = extra.iter().chain(hidden_features(template)).collect();
+    let noxsave = hidden.iter().any(|f| **f == features::XSAVE) && has_feature(effective, &features::XSAVE);
+    for f in hidden.into_iter().filter(|f| has_feature(effective, f)) {
         if *f == features::XSAVE {
             args.push("noxsave".to_string());
+            continue;
+        }
+        if noxsave && NEEDS_XSAVE.contains(f) {
             continue;
         }
         let Some(n) = linux_cap_number(f) else { continue };
@@ -676,7 +712,7 @@ fn apply_baseline(entry: &mut kvm_cpuid_entry2) {
             entry.ecx &= BASELINE_EXT1_ECX;
             entry.edx &= BASELINE_EXT1_EDX;
         }
-        LEAF_ADDR_SIZES => entry.ebx = 0,
+        LEAF_ADDR_SIZES => entry.ebx &= BASELINE_EXT8_EBX,
         LEAF_KVM_FEATURES => entry.eax &= !BASELINE_KVM_HYPERCALL_FEATURES,
         _ => {}
     }
@@ -716,11 +752,11 @@ mod tests {
         // A vCPU that honoured the template shows nothing hidden: no arguments.
         let mut honoured = cpuid_from(&intel_entries());
         normalize(&mut honoured, CpuTemplate::Baseline, 0, 1).unwrap();
-        assert_eq!(guest_clear_args(CpuTemplate::Baseline, &honoured), (vec![], vec![]));
+        assert_eq!(guest_clear_args(CpuTemplate::Baseline, &[], &honoured), (vec![], vec![]));
         // Host template: nothing to hide.
-        assert_eq!(guest_clear_args(CpuTemplate::Host, &cpuid_from(&intel_entries())).0, Vec::<String>::new());
+        assert_eq!(guest_clear_args(CpuTemplate::Host, &[], &cpuid_from(&intel_entries())).0, Vec::<String>::new());
         // A vCPU that still shows everything (a host that ignores KVM_SET_CPUID2).
-        let (args, left_out) = guest_clear_args(CpuTemplate::Baseline, &cpuid_from(&intel_entries()));
+        let (args, left_out) = guest_clear_args(CpuTemplate::Baseline, &[], &cpuid_from(&intel_entries()));
         assert_eq!(args[0], "noxsave");
         let list = args[1].strip_prefix("clearcpuid=").unwrap();
         assert!(list.len() <= CLEARCPUID_MAX);
@@ -732,6 +768,16 @@ mod tests {
         }
         assert!(!nums.contains(&linux_cap_number(&features::XSAVE).unwrap()));
         assert!(left_out.len() + nums.len() < hidden_features(CpuTemplate::Baseline).len());
+        // noxsave takes AVX and the rest of its dependants with it: they are not repeated.
+        for f in [features::AVX, features::AVX2, features::XSAVEOPT, features::FMA] {
+            assert!(!nums.contains(&linux_cap_number(&f).unwrap()), "{}", f.name);
+        }
+
+        // Extra features (an emulating host) come first, with either template.
+        let (args, _) = guest_clear_args(CpuTemplate::Host, EMULATED_KERNEL_HIDDEN, &cpuid_from(&intel_entries()));
+        assert_eq!(args, vec![format!("clearcpuid={}", 9 * 32 + 9)], "ERMS");
+        let (args, _) = guest_clear_args(CpuTemplate::Baseline, EMULATED_KERNEL_HIDDEN, &cpuid_from(&intel_entries()));
+        assert!(args[1].starts_with(&format!("clearcpuid={},", 9 * 32 + 9)));
     }
 
     const SIG: u32 = KVM_CPUID_FLAG_SIGNIFCANT_INDEX;
@@ -888,7 +934,7 @@ mod tests {
         assert_eq!(get(&c, 0x8000_0008, 0).eax, 0x3934);
         let b = normalized(CpuTemplate::Baseline, 0, 2);
         assert_eq!(get(&b, 0x8000_0008, 0).eax, 0x3934);
-        assert_eq!(get(&b, 0x8000_0008, 0).ebx, 0);
+        assert_eq!(get(&b, 0x8000_0008, 0).ebx, BASELINE_EXT8_EBX, "XSAVEERPTR only");
     }
 
     #[test]

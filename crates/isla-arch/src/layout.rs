@@ -31,6 +31,8 @@ pub const PDPTE_START: u64 = 0xa000;
 pub const PDE_START: u64 = 0xb000;
 /// How much the boot page tables identity-map.
 pub const IDENTITY_MAPPED: u64 = 4 << 30;
+/// The boot_params setup_data list: a random seed for the guest kernel's CRNG (SETUP_RNG_SEED).
+pub const SETUP_DATA_START: u64 = 0x1f000;
 /// Kernel command line.
 pub const CMDLINE_START: u64 = 0x20000;
 /// Largest command line accepted (including the terminating NUL); Linux x86 reads at most 2048.

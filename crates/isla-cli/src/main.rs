@@ -87,6 +87,11 @@ pub struct RunArgs {
     /// Do not handle emulation failures with the instruction fallback.
     #[arg(long)]
     no_insn_fallback: bool,
+    /// Profile the guest: sample every vCPU's RIP this many times a second and print the hottest
+    /// kernel functions, overall and second by second (symbols from the vmlinux or a System.map
+    /// beside a bzImage).
+    #[arg(long, value_name = "HZ", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    profile: Option<u32>,
     /// Print no summary on standard error.
     #[arg(long, short)]
     quiet: bool,
@@ -125,6 +130,7 @@ impl RunArgs {
         cfg.console = self.console.parse::<ConsoleConfig>()?;
         cfg.stop_on_console = self.stop_on_console.clone();
         cfg.insn_fallback = !self.no_insn_fallback;
+        cfg.profile_interval = self.profile.map(|hz| std::time::Duration::from_micros(1_000_000 / u64::from(hz)));
         // isla_vmm::run validates the whole configuration before it touches KVM.
         Ok(cfg)
     }

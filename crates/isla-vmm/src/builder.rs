@@ -22,6 +22,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::config::{ConsoleConfig, KernelFormat, VmConfig};
 use crate::devices::{console::Console, Devices};
+use crate::profile::{ProfileReport, Symbols};
 use crate::report::RunReport;
 use crate::state::VmShared;
 use crate::vcpu::{self, Vcpu};
@@ -69,6 +70,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     let console = Console::new(console_sink(&cfg.console)?, shared.clone(), cfg.stop_on_console.clone());
     let devices = Arc::new(Devices::new(shared.clone(), serial_irq, console));
 
+    let nested = host::is_nested_pvm();
     let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
     let mut vcpus = Vec::new();
     let mut cpuid_fixups = Vec::new();
@@ -77,10 +79,12 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         let cpuid = vcpu::cpuid_for(&supported, template, id, cfg.vcpus)?;
         let effective = vcpu::configure(&fd, id, &cpuid, (id == 0).then_some(kernel.entry))?;
         if id == 0 {
-            let (args, left_out) = cpuid::guest_clear_args(template, &effective);
+            let extra = if nested { cpuid::EMULATED_KERNEL_HIDDEN } else { &[] };
+            let (args, left_out) = cpuid::guest_clear_args(template, extra, &effective);
             if !args.is_empty() {
                 tracing::info!(
-                    "KVM did not apply the {template} CPUID template; telling the guest kernel: {}",
+                    "telling the guest kernel to drop CPU features (the {template} template where KVM did not apply it{}): {}",
+                    if nested { ", and what costs most under an emulating host" } else { "" },
                     args.join(" ")
                 );
             }
@@ -121,12 +125,14 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     boot::write_boot_tables(&mem).map_err(|e| VmmError::Setup(e.to_string()))?;
     let rsdp = acpi::create_acpi_tables(&mem, &AcpiConfig { cpu_count: cfg.vcpus, virtio_mmio: Vec::new() })
         .map_err(|e| VmmError::Setup(format!("ACPI tables: {e}")))?;
+    let setup_data = boot::write_rng_seed(&mem, &host::random_seed()?).map_err(|e| VmmError::Setup(e.to_string()))?;
     let params = boot::build_boot_params(&BootParamsConfig {
         setup_header: kernel.header,
         cmdline_len: cmdline.len(),
         initrd,
         ram: ram_regions(cfg.memory),
         rsdp: Some(rsdp),
+        setup_data: Some(setup_data),
     })
     .map_err(|e| VmmError::Setup(e.to_string()))?;
     boot::write_boot_params(&mem, &params).map_err(|e| VmmError::Setup(e.to_string()))?;
@@ -150,7 +156,14 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         spawn_stdin_reader(devices.clone());
     }
 
+    let sampler = match cfg.profile_interval {
+        Some(interval) => Some(start_sampler(&threads, interval, &shared)?),
+        None => None,
+    };
     let exit = shared.wait_exit(signals::interrupted);
+    if let Some(s) = sampler {
+        let _ = s.join();
+    }
     // Stop every vCPU: re-kick until each thread has left KVM_RUN and seen the stop flag.
     for _ in 0..400 {
         if threads.iter().all(|t| t.is_finished()) {
@@ -169,7 +182,52 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     if let Ok(mut s) = devices.serial.lock() {
         let _ = s.writer_mut().flush();
     }
-    Ok(RunReport::new(cfg, &cmdline, format, template, emulation_exits, &shared, exit, all_joined))
+    let mut report = RunReport::new(cfg, &cmdline, format, template, emulation_exits, &shared, exit, all_joined);
+    if let Some(interval) = cfg.profile_interval {
+        report.profile = Some(profile_report(cfg, format, interval, &shared));
+    }
+    Ok(report)
+}
+
+/// Starts the profiler's sampler: every `interval` it kicks each vCPU thread out of KVM_RUN, and
+/// the vCPU records its RIP ([`crate::profile`]). It stops when the VM does; join it before the
+/// vCPU threads.
+fn start_sampler(
+    threads: &[std::thread::JoinHandle<()>],
+    interval: Duration,
+    shared: &Arc<VmShared>,
+) -> Result<std::thread::JoinHandle<()>, VmmError> {
+    use std::os::unix::thread::JoinHandleExt;
+    let targets: Vec<libc::pthread_t> = threads.iter().map(|t| t.as_pthread_t()).collect();
+    shared.enable_profiling();
+    let shared = shared.clone();
+    std::thread::Builder::new()
+        .name("isla-sampler".into())
+        .spawn(move || {
+            while !shared.should_stop() {
+                std::thread::sleep(interval);
+                for &t in &targets {
+                    // SAFETY: each pthread_t belongs to a vCPU thread that `run` joins only after
+                    // this sampler has been joined, so the id is live; SIGRTMIN has a no-op handler.
+                    unsafe { libc::pthread_kill(t, SIGRTMIN()) };
+                }
+            }
+        })
+        .map_err(|e| VmmError::Setup(format!("sampler thread: {e}")))
+}
+
+/// Resolves the samples with the kernel's symbols: the ELF kernel's own symbol table, or a
+/// `System.map` beside a bzImage.
+fn profile_report(cfg: &VmConfig, format: KernelFormat, interval: Duration, shared: &VmShared) -> ProfileReport {
+    let source = match format {
+        KernelFormat::Elf => cfg.kernel.clone(),
+        KernelFormat::BzImage => cfg.kernel.with_file_name("System.map"),
+    };
+    let symbols = Symbols::load(&source).unwrap_or_else(|e| {
+        tracing::warn!("profile without symbols: {e}");
+        Symbols::default()
+    });
+    ProfileReport::new(&shared.samples(), &symbols, interval.as_secs_f64() * 1e3, 25, 1.0)
 }
 
 fn create_memory(vm: &VmFd, size: u64, shared: &VmShared) -> Result<GuestMemoryMmap, VmmError> {

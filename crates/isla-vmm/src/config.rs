@@ -155,6 +155,8 @@ pub struct VmConfig {
     /// Handle emulation failures with the instruction fallback (on by default; it only runs on an
     /// exit that would otherwise stop the VM).
     pub insn_fallback: bool,
+    /// Sample the guest's RIP at this interval (the guest profiler, [`crate::profile`]); None: off.
+    pub profile_interval: Option<std::time::Duration>,
 }
 
 impl VmConfig {
@@ -172,6 +174,7 @@ impl VmConfig {
             net: Vec::new(),
             stop_on_console: None,
             insn_fallback: true,
+            profile_interval: None,
         }
     }
 

@@ -147,3 +147,12 @@ Pss:                  12 kB
         assert_eq!(meminfo_field("MemTotal:  100 kB\n", "MemTotal:"), Some(100));
     }
 }
+
+/// 32 bytes from the host's CRNG (getrandom), to seed the guest kernel's.
+pub fn random_seed() -> Result<[u8; 32], crate::VmmError> {
+    let mut seed = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed))
+        .map_err(|e| crate::VmmError::Setup(format!("random seed for the guest from /dev/urandom: {e}")))?;
+    Ok(seed)
+}

@@ -17,6 +17,7 @@ pub mod devices;
 pub mod firecracker;
 pub mod host;
 pub mod kvm_exit;
+pub mod profile;
 pub mod report;
 pub mod state;
 pub mod vcpu;

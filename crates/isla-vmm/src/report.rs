@@ -8,6 +8,7 @@ use isla_arch::cpuid::CpuTemplate;
 use serde::Serialize;
 
 use crate::config::{KernelFormat, VmConfig};
+use crate::profile::ProfileReport;
 use crate::state::{GuestExit, Milestone, VmShared};
 
 /// Memory of the monitor process, measured from /proc/self/smaps.
@@ -75,6 +76,9 @@ pub struct RunReport {
     pub vcpus_stopped: bool,
     /// Guest RIP of each vCPU when it stopped (hex), to locate a guest that hangs.
     pub final_rip: BTreeMap<u8, String>,
+    /// Where the guest spent its time, when the profiler ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<ProfileReport>,
 }
 
 impl RunReport {
@@ -128,6 +132,7 @@ impl RunReport {
             memory,
             vcpus_stopped,
             final_rip: shared.final_rips().into_iter().map(|(k, v)| (k, format!("{v:#x}"))).collect(),
+            profile: None,
         }
     }
 
@@ -166,6 +171,9 @@ impl RunReport {
         if !self.emulated_instructions.is_empty() {
             let e: Vec<String> = self.emulated_instructions.iter().map(|(k, v)| format!("{k} {v}")).collect();
             s += &format!("isla: instruction fallback: {}\n", e.join(", "));
+        }
+        if let Some(p) = &self.profile {
+            s += &p.summary();
         }
         s
     }

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::host::{self, PssSplit};
 use crate::lock;
+use crate::profile::Sample;
 
 /// How a guest run ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -89,6 +90,8 @@ pub struct VmShared {
     memory: Mutex<Option<(&'static str, PssSplit)>>,
     guest_ranges: Mutex<Vec<(u64, u64)>>,
     final_rips: Mutex<BTreeMap<u8, u64>>,
+    profiling: AtomicBool,
+    samples: Mutex<Vec<Sample>>,
 }
 
 impl VmShared {
@@ -106,6 +109,8 @@ impl VmShared {
             memory: Mutex::new(None),
             guest_ranges: Mutex::new(Vec::new()),
             final_rips: Mutex::new(BTreeMap::new()),
+            profiling: AtomicBool::new(false),
+            samples: Mutex::new(Vec::new()),
         }
     }
 
@@ -171,6 +176,27 @@ impl VmShared {
         for (k, v) in emulated.iter() {
             *e.entry(k).or_default() += v;
         }
+    }
+
+    /// Turns RIP sampling on: a vCPU kicked out of KVM_RUN records where it was.
+    pub fn enable_profiling(&self) {
+        self.profiling.store(true, Ordering::Release);
+    }
+
+    /// Whether RIP sampling is on.
+    pub fn profiling(&self) -> bool {
+        self.profiling.load(Ordering::Acquire)
+    }
+
+    /// Records a profiler sample of `vcpu` at `rip`, timed from boot start.
+    pub fn add_sample(&self, vcpu: u8, rip: u64) {
+        let t_us = self.boot_start_us().map_or(0, |b| host::now_us().saturating_sub(b));
+        lock(&self.samples).push(Sample { t_us, vcpu, rip });
+    }
+
+    /// The profiler samples so far.
+    pub fn samples(&self) -> Vec<Sample> {
+        lock(&self.samples).clone()
     }
 
     /// Records where a vCPU was when it stopped.

@@ -175,7 +175,14 @@ impl Vcpu {
                 let message = format!("vCPU {}: unexpected exit {other:?}", self.id);
                 ("other", "", Next::Exit(GuestExit::Error { message }))
             }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => ("interrupted", "", Next::Continue),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                if self.shared.profiling() {
+                    if let Ok(r) = self.fd.get_regs() {
+                        self.shared.add_sample(self.id, r.rip);
+                    }
+                }
+                ("interrupted", "", Next::Continue)
+            }
             Err(e) => (
                 "error",
                 "",
