@@ -110,6 +110,15 @@ fn parse_smaps(text: &str, is_guest: impl Fn(u64, u64) -> bool) -> PssSplit {
     split
 }
 
+/// 32 bytes from the host's CRNG (getrandom), to seed the guest kernel's.
+pub fn random_seed() -> Result<[u8; 32], crate::VmmError> {
+    let mut seed = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed))
+        .map_err(|e| crate::VmmError::Setup(format!("random seed for the guest from /dev/urandom: {e}")))?;
+    Ok(seed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,11 +157,3 @@ Pss:                  12 kB
     }
 }
 
-/// 32 bytes from the host's CRNG (getrandom), to seed the guest kernel's.
-pub fn random_seed() -> Result<[u8; 32], crate::VmmError> {
-    let mut seed = [0u8; 32];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed))
-        .map_err(|e| crate::VmmError::Setup(format!("random seed for the guest from /dev/urandom: {e}")))?;
-    Ok(seed)
-}
