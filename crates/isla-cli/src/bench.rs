@@ -84,9 +84,8 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let exe = std::env::current_exe().context("finding the isla binary")?;
     let dir = std::env::temp_dir().join(format!("isla-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let mut reports = Vec::new();
-    for i in 0..a.runs {
-        let report = dir.join(format!("run{i}.json"));
+    let boot = |name: &str, cmdline: Option<&str>| -> Result<Value> {
+        let report = dir.join(format!("{name}.json"));
         let mut cmd = Command::new(&exe);
         cmd.args(["vm", "run", "--quiet", "--console", "null", "--stop-on-console", "Kernel panic"])
             .args(["--cpus", &a.cpus.to_string(), "--memory", &a.memory])
@@ -97,27 +96,42 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         if let Some(i) = &initrd {
             cmd.arg("--initrd").arg(i);
         }
-        if let Some(c) = &a.cmdline {
+        if let Some(c) = cmdline {
             cmd.args(["--cmdline", c]);
         }
         cmd.env("ISLA_START_TIME_US", isla_vmm::host::now_us().to_string());
         let status = cmd.status().context("starting the monitor")?;
-        let text = std::fs::read_to_string(&report).with_context(|| format!("run {i}: no report ({status})"))?;
+        let text = std::fs::read_to_string(&report).with_context(|| format!("{name}: no report ({status})"))?;
         let v: Value = serde_json::from_str(&text)?;
-        let exit = v.pointer("/exit/status").and_then(Value::as_str).unwrap_or("?").to_string();
+        if v.pointer("/exit/status").and_then(Value::as_str) == Some("error") {
+            bail!("{name} failed: {}", v.pointer("/exit/message").and_then(Value::as_str).unwrap_or(""));
+        }
+        Ok(v)
+    };
+    let mut reports = Vec::new();
+    for i in 0..a.runs {
+        let v = boot(&format!("run{i}"), a.cmdline.as_deref())?;
         eprintln!(
-            "run {}/{}: {exit}, init exec at {} ms",
+            "run {}/{}: {}, init marker at {} ms",
             i + 1,
             a.runs,
-            v.pointer("/phases/boot_start_to_init_exec_ms")
+            v.pointer("/exit/status").and_then(Value::as_str).unwrap_or("?"),
+            v.pointer("/phases/boot_start_to_boot_marker_ms")
                 .and_then(Value::as_f64)
                 .map_or("-".into(), |x| format!("{x:.0}"))
         );
-        if exit == "error" {
-            bail!("run {i} failed: {}", v.pointer("/exit/message").and_then(Value::as_str).unwrap_or(""));
-        }
         reports.push(v);
     }
+    // The timed runs keep the kernel log off the console (it costs VM exits); one more boot with
+    // the log on shows where the kernel's time goes, from its own printk timestamps.
+    let base = a.cmdline.clone().unwrap_or_else(|| isla_vmm::config::DEFAULT_CMDLINE.to_string());
+    let verbose = verbose_cmdline(&base);
+    let anatomy = if verbose != base {
+        eprintln!("one more boot with the kernel log on the console, for the split by phase ...");
+        Some(boot("anatomy", Some(&verbose))?)
+    } else {
+        None
+    };
     let first = &reports[0];
     println!(
         "isla microVM boot: {} vCPU, {} MiB, kernel {} ({}), template {}, {} host, {} run(s)",
@@ -148,23 +162,53 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             None => println!("{name:<34} {:>12}", "not reached"),
         }
     }
+    if let Some(v) = anatomy.as_ref().or(reports.first()) {
+        print_anatomy(v);
+    }
     let peers = match &a.firecracker {
         Some(fc) => side_by_side(a, fc, &kernel, initrd.as_deref(), &dir)?,
         None => Value::Null,
     };
     let _ = std::fs::remove_dir_all(&dir);
     if let Some(out) = &a.out {
-        let doc = serde_json::json!({"summary": summary, "runs": reports, "side_by_side": peers});
+        let doc = serde_json::json!({"summary": summary, "runs": reports, "anatomy": anatomy, "side_by_side": peers});
         std::fs::write(out, serde_json::to_string_pretty(&doc)?).with_context(|| format!("--out {}", out.display()))?;
     }
     Ok(())
+}
+
+/// The command line without `quiet` (and `loglevel=`): the kernel log on the console.
+pub fn verbose_cmdline(cmdline: &str) -> String {
+    cmdline.split_whitespace().filter(|w| *w != "quiet" && !w.starts_with("loglevel=")).collect::<Vec<_>>().join(" ")
+}
+
+/// The kernel's phases from one boot's console milestones: for each, the guest's printk time and
+/// the monitor's time since boot start, and the time since the previous milestone.
+fn print_anatomy(report: &Value) {
+    let Some(ms) = report.pointer("/milestones").and_then(Value::as_array) else { return };
+    println!("split by phase (one boot with the kernel log on the console; guest printk time and monitor time):");
+    println!("{:<22} {:>12} {:>14} {:>12}", "milestone", "guest s", "boot start ms", "phase ms");
+    let mut prev = 0.0;
+    for m in ms {
+        let t = m.pointer("/ms_since_boot_start").and_then(Value::as_f64).unwrap_or(0.0);
+        let guest = m.pointer("/guest_time_s").and_then(Value::as_f64).map_or("-".to_string(), |g| format!("{g:.3}"));
+        println!(
+            "{:<22} {:>12} {:>14.1} {:>12.1}",
+            m.pointer("/name").and_then(Value::as_str).unwrap_or("?"),
+            guest,
+            t,
+            t - prev
+        );
+        prev = t;
+    }
 }
 
 /// Boots the same kernel and initrd on isla and on Firecracker, each spawned by the bench with
 /// its console on stdout, and prints both with ratios (Firecracker / isla).
 fn side_by_side(a: &BenchArgs, fc: &Path, kernel: &Path, initrd: Option<&Path>, dir: &Path) -> Result<Value> {
     let memory = isla_vmm::config::parse_memory(&a.memory)?;
-    let cmdline = a.cmdline.clone().unwrap_or_else(|| isla_vmm::config::DEFAULT_CMDLINE.to_string());
+    // Both are timed to lines of the kernel log: it must be on the console.
+    let cmdline = verbose_cmdline(&a.cmdline.clone().unwrap_or_else(|| isla_vmm::config::DEFAULT_CMDLINE.to_string()));
     let limit = Duration::from_secs(a.peer_limit);
     let stop_text = "Run /init";
 
@@ -255,5 +299,11 @@ mod tests {
         assert_eq!(stats(&[3.0]), Some((3.0, 3.0, 3.0)));
         assert_eq!(stats(&[5.0, 1.0, 3.0]), Some((3.0, 1.0, 5.0)));
         assert_eq!(stats(&[4.0, 1.0, 3.0, 2.0]), Some((2.5, 1.0, 4.0)));
+    }
+
+    #[test]
+    fn verbose_command_line_drops_quiet_only() {
+        assert_eq!(verbose_cmdline("console=ttyS0 quiet pci=off loglevel=3"), "console=ttyS0 pci=off");
+        assert_eq!(verbose_cmdline("console=ttyS0 reboot=k"), "console=ttyS0 reboot=k");
     }
 }

@@ -1,7 +1,11 @@
 //! Real guests: the guest-kit kernel boots on isla's monitor until the kernel runs init.
 //! On nested (PVM) hosts the guest kernel is emulated and, with the standard kernel, init's first
 //! system call does not reach the kernel (docs/nested-kvm.md): those tests stop at the kernel
-//! handing over to init. The `auto` flavour (the nested kernel there) runs init to power-off.
+//! handing over to init. The `auto` flavour (the nested kernel there) runs init, and init runs the
+//! checks named on the command line (one boot, many checks) before it powers off or reboots.
+
+/// The kernel log on the console (isla's default command line is quiet).
+const VERBOSE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
 
 mod common;
 use common::*;
@@ -12,6 +16,7 @@ fn boot(
     initrd: &std::path::Path,
     cpus: u8,
     stop_on: Option<&str>,
+    cmdline: &str,
     name: &str,
 ) -> (i32, String, Value) {
     let console = tmp(&format!("{name}.console"));
@@ -27,7 +32,8 @@ fn boot(
         .arg("--console")
         .arg(format!("file:{}", console.display()))
         .arg("--report")
-        .arg(&report);
+        .arg(&report)
+        .args(["--cmdline", cmdline]);
     if let Some(s) = stop_on {
         cmd.args(["--stop-on-console", s]);
     }
@@ -44,7 +50,7 @@ fn boot(
 #[test]
 fn elf_vmlinux_with_two_vcpus_reaches_init() {
     let Some(kit) = kvm_and_kit() else { return };
-    let (code, console, report) = boot(Some(&kit.vmlinux), &kit.initramfs, 2, None, "elf2");
+    let (code, console, report) = boot(Some(&kit.vmlinux), &kit.initramfs, 2, None, VERBOSE, "elf2");
     assert!(console.contains("Run /init as init process"), "console:\n{console}");
     assert!(console.contains("smpboot: Total of 2 processors activated"), "console:\n{console}");
     assert!(console.contains("ACPI: Interpreter enabled"), "the guest did not load isla's ACPI tables:\n{console}");
@@ -71,7 +77,7 @@ fn elf_vmlinux_with_two_vcpus_reaches_init() {
 #[test]
 fn bzimage_reaches_init_and_stops_cleanly() {
     let Some(kit) = kvm_and_kit() else { return };
-    let (code, console, report) = boot(Some(&kit.bzimage), &kit.initramfs, 1, Some("Run /init"), "bz1");
+    let (code, console, report) = boot(Some(&kit.bzimage), &kit.initramfs, 1, Some("Run /init"), VERBOSE, "bz1");
     assert_eq!(code, 0, "{report}");
     assert_eq!(report["exit"]["status"], "stopped");
     assert_eq!(report["kernel_format"], "bzimage");
@@ -80,21 +86,65 @@ fn bzimage_reaches_init_and_stops_cleanly() {
     assert_eq!(report["vcpus_stopped"], true);
 }
 
+/// One boot of the kernel this host runs user programs with (the nested flavour on nested hosts),
+/// 2 vCPUs, quiet console: init runs the `stress` check (200 three-process pipelines in a row, a
+/// loop of stat(), a program making thousands of system calls), prints the marker and the CPU
+/// count, and powers off through ACPI.
 #[test]
-fn auto_flavour_runs_init_to_the_boot_marker_and_powers_off() {
+fn auto_flavour_runs_user_programs_and_powers_off() {
     let Some(kit) = kvm_and_kit() else { return };
-    let (code, console, report) = boot(None, &kit.initramfs, 2, None, "auto2");
-    // init ran in user space: it wrote the boot-time marker through /dev/mem and powered off
-    // through the ACPI sleep register (ACPI S5).
+    let cmdline = "console=ttyS0 reboot=k panic=1 pci=off quiet isla.check=stress isla.pipelines=200 isla.parallel=0 isla.syscalls=10000";
+    let (code, console, report) = boot(None, &kit.initramfs, 2, None, cmdline, "auto2");
     assert_eq!(report["exit"]["status"], "poweroff", "{report}\n{console}");
     assert_eq!(report["exit"]["via"], "acpi");
     assert_eq!(code, 0);
-    assert!(console.contains("reboot: Power down"), "{console}");
-    // init's own output reaches the console through the tty and the UART's interrupt.
+    // init ran in user space: it wrote the boot-time marker through /dev/mem.
     assert!(console.contains("isla-init: started"), "{console}");
     assert!(console.contains("isla-init: cpus=2 "), "the guest's user space sees 2 CPUs:\n{console}");
     assert!(report["milestones"].as_array().unwrap().iter().any(|m| m["name"] == "boot_marker"), "{report}");
     assert!(report["phases"]["boot_start_to_boot_marker_ms"].as_f64().unwrap() > 0.0);
     assert_eq!(report["memory"]["measured_at"], "boot_marker");
-    assert!(!console.contains("segfault"), "{console}");
+    // The quiet command line keeps the kernel's boot log off the console.
+    assert!(!console.contains("Linux version"), "{console}");
+    for line in [
+        "isla-check: pipelines 200/200 correct",
+        "isla-check: stat 2500/2500 found",
+        "isla-check: syscalls 10000 in ",
+        "wrote 5000 bytes",
+        "isla-check: stress PASS",
+        "isla-init: check stress exited 0",
+        "isla-init: powering off",
+    ] {
+        assert!(console.contains(line), "missing {line:?}:\n{console}");
+    }
+    assert!(!console.contains("Segmentation fault"), "{console}");
+}
+
+/// A bzImage of the same kernel; init reboots at the end: the monitor ends with status reboot.
+#[test]
+fn guest_reboot_ends_the_monitor_with_status_3() {
+    let Some(kit) = kvm_and_kit() else { return };
+    let nested = std::path::Path::new("/sys/module/kvm_pvm").exists();
+    let kernel = if nested { &kit.nested_bzimage } else { &kit.bzimage };
+    let cmdline = "console=ttyS0 reboot=k panic=1 pci=off quiet isla.end=reboot";
+    let (code, console, report) = boot(Some(kernel), &kit.initramfs, 1, None, cmdline, "reboot1");
+    assert_eq!(report["exit"]["status"], "reboot", "{report}\n{console}");
+    assert_eq!(code, 3);
+    assert_eq!(report["kernel_format"], "bzimage");
+    assert!(console.contains("isla-init: rebooting"), "{console}");
+    assert!(!console.contains("Kernel panic"), "{console}");
+}
+
+/// Many processes starting at once. Known to fail on nested (PVM) hosts: a freshly exec'd busybox
+/// reads zeros from its thread-local storage now and then (see docs/nested-kvm.md, "Open
+/// problem"). Run it with `cargo test -- --ignored` to reproduce.
+#[test]
+#[ignore = "fails on nested PVM hosts: docs/nested-kvm.md, open problem"]
+fn concurrent_process_startups_are_reliable() {
+    let Some(kit) = kvm_and_kit() else { return };
+    let cmdline = "console=ttyS0 reboot=k panic=1 pci=off quiet isla.check=stress isla.pipelines=0 isla.parallel=8 isla.syscalls=400";
+    let (code, console, _) = boot(None, &kit.initramfs, 2, None, cmdline, "parallel8");
+    assert_eq!(code, 0);
+    assert!(console.contains("isla-check: parallel 8/8 shells finished, 0 wrong outputs"), "{console}");
+    assert!(console.contains("isla-check: stress PASS"), "{console}");
 }

@@ -14,8 +14,9 @@ use isla_arch::layout::CMDLINE_MAX_SIZE;
 pub const MAX_VCPUS: u8 = 32;
 /// Smallest guest accepted (the kernel, its decompression room and the initrd must fit).
 pub const MIN_MEMORY: u64 = 16 << 20;
-/// Command line used when none is given.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
+/// Command line used when none is given: the kernel log stays off the console while the guest
+/// boots (`quiet`; each character costs VM exits), warnings and init's own output still show.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off quiet";
 
 /// Configuration errors.
 #[derive(Debug, thiserror::Error)]

@@ -156,4 +156,3 @@ Pss:                  12 kB
         assert_eq!(meminfo_field("MemTotal:  100 kB\n", "MemTotal:"), Some(100));
     }
 }
-
