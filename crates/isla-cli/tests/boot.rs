@@ -95,6 +95,10 @@ fn auto_flavour_runs_user_programs_and_powers_off() {
     let Some(kit) = kvm_and_kit() else { return };
     let cmdline = "console=ttyS0 reboot=k panic=1 pci=off quiet isla.check=stress isla.pipelines=200 isla.parallel=0 isla.syscalls=10000";
     let (code, console, report) = boot(None, &kit.initramfs, 2, None, cmdline, "auto2");
+    // The check's measurements (pipelines, system-call cost) go to the test log.
+    for line in console.lines().filter(|l| l.starts_with("isla-check:") && !l.contains("cpuinfo flags")) {
+        eprintln!("{line}");
+    }
     assert_eq!(report["exit"]["status"], "poweroff", "{report}\n{console}");
     assert_eq!(report["exit"]["via"], "acpi");
     assert_eq!(code, 0);
