@@ -175,10 +175,10 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         spawn_stdin_reader(devices.clone());
     }
 
-    let sampler = match cfg.profile_interval {
-        Some(interval) => Some(start_sampler(&threads, interval, &shared)?),
-        None => None,
-    };
+    // The guest is running: a sampler that cannot start costs the profile, not the run.
+    let sampler = cfg.profile_interval.and_then(|interval| {
+        start_sampler(&threads, interval, &shared).map_err(|e| tracing::warn!("no profile: {e}")).ok()
+    });
     let exit = shared.wait_exit(signals::interrupted);
     if let Some(s) = sampler {
         let _ = s.join();
