@@ -48,6 +48,13 @@ pub struct BenchArgs {
     peer_limit: u64,
 }
 
+impl BenchArgs {
+    /// The command line the guests get: --cmdline, or the monitor's default.
+    fn cmdline_or_default(&self) -> String {
+        self.cmdline.clone().unwrap_or_else(|| isla_vmm::config::DEFAULT_CMDLINE.to_string())
+    }
+}
+
 /// Median, minimum and maximum of the samples.
 pub fn stats(samples: &[f64]) -> Option<(f64, f64, f64)> {
     if samples.is_empty() {
@@ -124,7 +131,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     }
     // The timed runs keep the kernel log off the console (it costs VM exits); one more boot with
     // the log on shows where the kernel's time goes, from its own printk timestamps.
-    let base = a.cmdline.clone().unwrap_or_else(|| isla_vmm::config::DEFAULT_CMDLINE.to_string());
+    let base = a.cmdline_or_default();
     let verbose = verbose_cmdline(&base);
     let anatomy = if verbose != base {
         eprintln!("one more boot with the kernel log on the console, for the split by phase ...");
@@ -208,7 +215,7 @@ fn print_anatomy(report: &Value) {
 fn side_by_side(a: &BenchArgs, fc: &Path, kernel: &Path, initrd: Option<&Path>, dir: &Path) -> Result<Value> {
     let memory = isla_vmm::config::parse_memory(&a.memory)?;
     // Both are timed to lines of the kernel log: it must be on the console.
-    let cmdline = verbose_cmdline(&a.cmdline.clone().unwrap_or_else(|| isla_vmm::config::DEFAULT_CMDLINE.to_string()));
+    let cmdline = verbose_cmdline(&a.cmdline_or_default());
     let limit = Duration::from_secs(a.peer_limit);
     let stop_text = "Run /init";
 
@@ -302,7 +309,7 @@ mod tests {
     }
 
     #[test]
-    fn verbose_command_line_drops_quiet_only() {
+    fn verbose_command_line_drops_quiet_and_loglevel() {
         assert_eq!(verbose_cmdline("console=ttyS0 quiet pci=off loglevel=3"), "console=ttyS0 pci=off");
         assert_eq!(verbose_cmdline("console=ttyS0 reboot=k"), "console=ttyS0 reboot=k");
     }

@@ -143,19 +143,23 @@ pub struct ProfileReport {
     pub timeline: Vec<Window>,
 }
 
-fn hottest(names: impl Iterator<Item = String>, limit: usize) -> (u64, Vec<Hot>) {
-    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+fn hottest<'a>(names: impl Iterator<Item = &'a str>, limit: usize) -> (u64, Vec<Hot>) {
+    let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
     let mut total = 0;
     for n in names {
         *counts.entry(n).or_default() += 1;
         total += 1;
     }
-    let mut v: Vec<(String, u64)> = counts.into_iter().collect();
-    v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let mut v: Vec<(&str, u64)> = counts.into_iter().collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
     let top = v
         .into_iter()
         .take(limit)
-        .map(|(symbol, samples)| Hot { symbol, samples, percent: 100.0 * samples as f64 / total.max(1) as f64 })
+        .map(|(symbol, samples)| Hot {
+            symbol: symbol.to_string(),
+            samples,
+            percent: 100.0 * samples as f64 / total.max(1) as f64,
+        })
         .collect();
     (total, top)
 }
@@ -163,16 +167,18 @@ fn hottest(names: impl Iterator<Item = String>, limit: usize) -> (u64, Vec<Hot>)
 impl ProfileReport {
     /// Builds the report: the `limit` hottest functions, and the run in `window_s`-second windows.
     pub fn new(samples: &[Sample], symbols: &Symbols, interval_ms: f64, limit: usize, window_s: f64) -> Self {
-        let (total, top) = hottest(samples.iter().map(|s| symbols.name(s.rip)), limit);
+        // Each sample's function, resolved once for both views.
+        let named: Vec<(u64, String)> = samples.iter().map(|s| (s.t_us, symbols.name(s.rip))).collect();
+        let (total, top) = hottest(named.iter().map(|(_, n)| n.as_str()), limit);
         let window_us = (window_s * 1e6).max(1.0) as u64;
-        let mut by_window: BTreeMap<u64, Vec<&Sample>> = BTreeMap::new();
-        for s in samples {
-            by_window.entry(s.t_us / window_us).or_default().push(s);
+        let mut by_window: BTreeMap<u64, Vec<&str>> = BTreeMap::new();
+        for (t_us, name) in &named {
+            by_window.entry(t_us / window_us).or_default().push(name);
         }
         let timeline = by_window
             .into_iter()
-            .map(|(w, ss)| {
-                let (n, top) = hottest(ss.iter().map(|s| symbols.name(s.rip)), 3);
+            .map(|(w, names)| {
+                let (n, top) = hottest(names.into_iter(), 3);
                 Window { start_s: (w * window_us) as f64 / 1e6, samples: n, top }
             })
             .collect();
