@@ -409,10 +409,10 @@ const BASELINE_HIDDEN: &[Feature] = {
 };
 
 /// Features Linux drops by itself when told `noxsave` (its cpuid-deps table: they depend on XSAVE
-/// directly or through AVX).
+/// directly or through AVX). Not F16C: Linux 6.1 ties it to SSE2, and it stays without XSAVE.
 const NEEDS_XSAVE: &[Feature] = {
     use features::*;
-    &[OSXSAVE, XSAVEOPT, XSAVES, AVX, AVX2, AVX512F, FMA, F16C, VAES, PKU]
+    &[XSAVEOPT, XSAVES, AVX, AVX2, AVX512F, FMA, VAES, PKU]
 };
 
 /// Features hidden from the guest, whatever the template, where the host runs the guest kernel
@@ -772,6 +772,8 @@ mod tests {
         for f in [features::AVX, features::AVX2, features::XSAVEOPT, features::FMA] {
             assert!(!nums.contains(&linux_cap_number(&f).unwrap()), "{}", f.name);
         }
+        // F16C does not depend on XSAVE in Linux: it must still be named.
+        assert!(nums.contains(&linux_cap_number(&features::F16C).unwrap()), "f16c");
 
         // Extra features (an emulating host) come first, with either template.
         let (args, _) = guest_clear_args(CpuTemplate::Host, EMULATED_KERNEL_HIDDEN, &cpuid_from(&intel_entries()));
