@@ -2,6 +2,7 @@
 //! Argument parsing and output only; the work is done by the library crates.
 
 mod bench;
+mod disk;
 mod kit;
 mod peer;
 
@@ -28,6 +29,9 @@ enum Cmd {
     /// The guest kit: kernel, initramfs and rootfs for microVMs.
     #[command(subcommand)]
     Guest(GuestCmd),
+    /// Disk images (raw, qcow2) with qemu-img's conventions.
+    #[command(subcommand)]
+    Disk(disk::DiskCmd),
 }
 
 #[derive(Subcommand)]
@@ -168,6 +172,7 @@ fn main() -> ExitCode {
             k.print();
             0
         }),
+        Cmd::Disk(d) => disk::run(d),
     };
     match result {
         Ok(code) => ExitCode::from(code as u8),
