@@ -271,7 +271,12 @@ impl Qcow2 {
         let hits = |start: u64, bytes: u64| bytes > 0 && off < start + bytes && start < off + len;
         let l1_bytes = self.l1.len() as u64 * 8;
         let rt_bytes = u64::from(self.h.refcount_table_clusters) * self.cs;
-        if hits(0, self.cs) || hits(self.h.l1_table_offset, l1_bytes) || hits(self.h.refcount_table_offset, rt_bytes) {
+        let snap_bytes = if self.h.nb_snapshots > 0 { self.snap_table_bytes } else { 0 };
+        if hits(0, self.cs)
+            || hits(self.h.l1_table_offset, l1_bytes)
+            || hits(self.h.refcount_table_offset, rt_bytes)
+            || hits(self.h.snapshots_offset, snap_bytes)
+        {
             return Err(DiskError::corrupt(&self.path, format!("{what} at {off:#x} overlaps the header or a table")));
         }
         Ok(())
@@ -429,6 +434,13 @@ impl Qcow2 {
         if c >= end_c {
             c = end_c;
             self.end += self.cs;
+        } else {
+            self.guard(c * self.cs, self.cs, "free cluster").map_err(|_| {
+                DiskError::corrupt(
+                    &self.path,
+                    format!("cluster {c} holds metadata but its refcount is 0; run `isla disk check -r all`"),
+                )
+            })?;
         }
         self.free_hint = c + 1;
         self.set_refcount(c, 1)?;
@@ -625,6 +637,7 @@ impl Qcow2 {
         let old = self.l2_offset(l1e, l1i)?;
         if let Some(o) = old {
             if l1e & COPIED != 0 {
+                self.guard(o, self.cs, "L2 table")?;
                 return Ok(o);
             }
         }
