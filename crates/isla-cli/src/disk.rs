@@ -99,19 +99,19 @@ pub struct ResizeArgs {
 }
 
 #[derive(Args)]
-#[group(id = "op", required = true, multiple = false)]
+#[command(group(clap::ArgGroup::new("op").required(true).args(["create", "list", "apply", "delete"])))]
 pub struct SnapshotArgs {
     /// Create a snapshot.
-    #[arg(short = 'c', group = "op")]
+    #[arg(short = 'c')]
     create: Option<String>,
     /// List snapshots.
-    #[arg(short = 'l', group = "op")]
+    #[arg(short = 'l')]
     list: bool,
     /// Apply (revert to) a snapshot.
-    #[arg(short = 'a', group = "op")]
+    #[arg(short = 'a')]
     apply: Option<String>,
     /// Delete a snapshot.
-    #[arg(short = 'd', group = "op")]
+    #[arg(short = 'd')]
     delete: Option<String>,
     #[arg(long, value_enum, default_value = "human")]
     output: Output,
@@ -379,7 +379,7 @@ fn convert(a: &ConvertArgs) -> Result<()> {
     let cs = cluster_size_option(a.options.as_deref())?;
     let mut last = 0u64;
     isla_disk::convert(&a.src, &a.dst, out, cs, |done, total| {
-        let pct = if total == 0 { 100 } else { done * 100 / total };
+        let pct = (done * 100).checked_div(total).unwrap_or(100);
         if a.progress && pct != last {
             last = pct;
             eprint!("\r    ({pct}.00/100%)");
