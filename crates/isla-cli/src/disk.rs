@@ -469,12 +469,15 @@ fn bench(a: &BenchArgs) -> Result<()> {
                 dev.read_at(&mut buf, slot * bs)?;
             }
         }
-        if write {
-            dev.flush()?;
-        }
         let secs = t.elapsed().as_secs_f64();
         let iops = count as f64 / secs;
-        println!("  isla {name:<10} {:>10.1} MB/s {:>10.0} IOPS ({secs:.3} s)", iops * bs as f64 / 1e6, iops);
+        print!("  isla {name:<10} {:>10.1} MB/s {:>10.0} IOPS ({secs:.3} s)", iops * bs as f64 / 1e6, iops);
+        if write {
+            let t = Instant::now();
+            dev.flush()?;
+            print!(", then fsync {:.3} s", t.elapsed().as_secs_f64());
+        }
+        println!();
     }
     drop(dev);
     if a.qemu {

@@ -18,6 +18,8 @@ pub enum DiskError {
     Backing { path: PathBuf, what: String },
     #[error("{}: refcount overflow at host offset {offset:#x}: the refcount reached its maximum ({max}); delete snapshots or convert the image to a wider refcount", path.display())]
     RefcountOverflow { path: PathBuf, offset: u64, max: u64 },
+    #[error("{}: the image is in use (another process or handle has it open for writing, or is reading it while this one wants to write); close it first", path.display())]
+    Locked { path: PathBuf },
     #[error("{}: the image is open read-only", path.display())]
     ReadOnly { path: PathBuf },
     #[error("request out of range: offset {offset} + length {len} is past the virtual size {size}")]

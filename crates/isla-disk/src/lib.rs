@@ -311,6 +311,20 @@ pub fn resize(path: &Path, new_size: u64) -> Result<(), DiskError> {
     }
 }
 
+/// Takes an advisory `flock` on an open image: exclusive for a writer, shared for a reader, so
+/// two writers never share an image and nothing writes a backing file a clone is reading.
+/// Metadata-only readers (`info`, snapshot lists, checks without repair) take no lock, like
+/// `qemu-img info -U`.
+pub(crate) fn lock(file: &File, path: &Path, exclusive: bool) -> Result<(), DiskError> {
+    use rustix::fs::{flock, FlockOperation};
+    let op = if exclusive { FlockOperation::NonBlockingLockExclusive } else { FlockOperation::NonBlockingLockShared };
+    match flock(file, op) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(DiskError::Locked { path: path.to_path_buf() }),
+        Err(e) => Err(DiskError::io(path, "lock", e.into())),
+    }
+}
+
 /// Checks a request against a device size.
 pub(crate) fn check_range(offset: u64, len: u64, size: u64) -> Result<(), DiskError> {
     match offset.checked_add(len) {

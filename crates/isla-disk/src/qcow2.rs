@@ -130,6 +130,9 @@ impl Qcow2 {
     ) -> Result<Qcow2, DiskError> {
         let file =
             OpenOptions::new().read(true).write(!read_only).open(path).map_err(|e| DiskError::io(path, "open", e))?;
+        if !read_only || chain.is_some() {
+            crate::lock(&file, path, !read_only)?;
+        }
         let file_len = file.metadata().map_err(|e| DiskError::io(path, "stat", e))?.len();
         let mut buf = vec![0u8; file_len.min(2 << 20) as usize];
         file.read_exact_at(&mut buf, 0).map_err(|e| DiskError::io(path, "read header", e))?;

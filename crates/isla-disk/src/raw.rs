@@ -19,6 +19,7 @@ impl Raw {
     pub(crate) fn open(path: &Path, read_only: bool) -> Result<Raw, DiskError> {
         let file =
             OpenOptions::new().read(true).write(!read_only).open(path).map_err(|e| DiskError::io(path, "open", e))?;
+        crate::lock(&file, path, !read_only)?;
         let size = file.metadata().map_err(|e| DiskError::io(path, "stat", e))?.len();
         Ok(Raw { path: path.to_path_buf(), file, size, read_only })
     }

@@ -375,3 +375,30 @@ fn qemu_compressed_and_v2_images_read_correctly() {
     let r = isla_disk::open(&v2, OpenOptions { read_only: true, format: None }).unwrap();
     assert!(r.read_only());
 }
+
+#[test]
+fn images_in_use_are_locked() {
+    let dir = Scratch::new("lock");
+    let base = dir.path("base.qcow2");
+    let clone = dir.path("clone.qcow2");
+    create_qcow2(&base, 1 << 20, 65536);
+    let o = CreateOptions {
+        format: Format::Qcow2,
+        size: None,
+        backing: Some(("base.qcow2".into(), Format::Qcow2)),
+        cluster_size: None,
+    };
+    isla_disk::create(&clone, &o).unwrap();
+    let writer = open_rw(&clone);
+    let e = isla_disk::open(&clone, OpenOptions { read_only: false, format: None }).err().expect("two writers");
+    assert!(matches!(e, isla_disk::DiskError::Locked { .. }), "{e}");
+    assert!(isla_disk::open(&clone, OpenOptions { read_only: true, format: None }).is_err());
+    // The base is being read through the clone: it cannot be opened for writing or snapshotted.
+    assert!(isla_disk::open(&base, OpenOptions { read_only: false, format: None }).is_err());
+    assert!(snapshot::create(&base, "x").is_err());
+    // Other readers of the base and metadata readers are fine.
+    assert!(isla_disk::open(&base, OpenOptions { read_only: true, format: None }).is_ok());
+    assert!(isla_disk::info(&clone).is_ok());
+    drop(writer);
+    assert!(isla_disk::open(&base, OpenOptions { read_only: false, format: None }).is_ok());
+}
