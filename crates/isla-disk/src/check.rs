@@ -118,13 +118,8 @@ fn scan(img: &mut Qcow2) -> Result<Scan, DiskError> {
     let mut flags: Vec<(u64, bool)> = Vec::new();
     for s in img.snapshots.clone() {
         refs.add_range(s.l1_table_offset, u64::from(s.l1_size) * 8, "snapshot L1 table", &mut r);
-        let mut b = vec![0u8; s.l1_size as usize * 8];
-        match img.pread(&mut b, s.l1_table_offset, "snapshot L1 table") {
-            Ok(()) => {
-                let l1 =
-                    b.chunks_exact(8).map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]));
-                walk(img, &l1.collect::<Vec<_>>(), &mut refs, &mut r, None)?;
-            }
+        match img.read_snapshot_l1(&s) {
+            Ok(l1) => walk(img, &l1, &mut refs, &mut r, None)?,
             Err(e) => {
                 r.check_errors += 1;
                 r.messages.push(format!("ERROR reading snapshot {}: {e}", s.name));

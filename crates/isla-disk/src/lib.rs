@@ -318,12 +318,20 @@ pub fn resize(path: &Path, new_size: u64) -> Result<(), DiskError> {
 pub(crate) fn lock(file: &File, path: &Path, exclusive: bool) -> Result<(), DiskError> {
     use rustix::fs::{flock, FlockOperation};
     let op = if exclusive { FlockOperation::NonBlockingLockExclusive } else { FlockOperation::NonBlockingLockShared };
-    match flock(file, op) {
-        Ok(()) => Ok(()),
-        Err(rustix::io::Errno::WOULDBLOCK) => Err(DiskError::Locked { path: path.to_path_buf() }),
-        Err(e) => Err(DiskError::io(path, "lock", e.into())),
+    // A lock outlives its holder's close while a child forked by that process has not yet run
+    // `exec` (the child shares the open file); such a window is short, so retry for a moment.
+    for _ in 0..LOCK_RETRIES {
+        match flock(file, op) {
+            Ok(()) => return Ok(()),
+            Err(rustix::io::Errno::WOULDBLOCK) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            Err(e) => return Err(DiskError::io(path, "lock", e.into())),
+        }
     }
+    Err(DiskError::Locked { path: path.to_path_buf() })
 }
+
+/// Attempts (10 ms apart) at taking an image lock before reporting it in use.
+const LOCK_RETRIES: u32 = 30;
 
 /// Checks a request against a device size.
 pub(crate) fn check_range(offset: u64, len: u64, size: u64) -> Result<(), DiskError> {

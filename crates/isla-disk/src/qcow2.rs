@@ -68,7 +68,7 @@ pub(crate) struct Qcow2 {
     zcache: Option<(u64, Vec<u8>)>,
 }
 
-fn be_u64s(bytes: &[u8]) -> Vec<u64> {
+pub(crate) fn be_u64s(bytes: &[u8]) -> Vec<u64> {
     bytes
         .chunks_exact(8)
         .map(|c| {

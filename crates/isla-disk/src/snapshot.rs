@@ -10,8 +10,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use crate::header::{check_table, MAX_L1_BYTES};
-use crate::qcow2::{u64s_be, Qcow2, COPIED};
+use crate::header::{be32, be64, check_table, MAX_L1_BYTES};
+use crate::qcow2::{be_u64s, u64s_be, Qcow2, COPIED};
 use crate::{detect, DiskError, Format};
 
 /// Longest extra data QEMU accepts in a snapshot table entry.
@@ -84,14 +84,6 @@ impl Snapshot {
         out.extend_from_slice(self.name.as_bytes());
         out.resize(out.len().div_ceil(8) * 8, 0);
     }
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    (u64::from(be32(b, at)) << 32) | u64::from(be32(b, at + 4))
 }
 
 /// Reads and validates the snapshot table; returns the entries and the bytes they take.
@@ -200,10 +192,10 @@ impl Qcow2 {
             .ok_or_else(|| DiskError::Invalid(format!("{}: no snapshot with id or name `{key}`", self.path.display())))
     }
 
-    fn read_snapshot_l1(&self, s: &Snapshot) -> Result<Vec<u64>, DiskError> {
+    pub(crate) fn read_snapshot_l1(&self, s: &Snapshot) -> Result<Vec<u64>, DiskError> {
         let mut b = vec![0u8; s.l1_size as usize * 8];
         self.pread(&mut b, s.l1_table_offset, "snapshot L1 table")?;
-        Ok(b.chunks_exact(8).map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect())
+        Ok(be_u64s(&b))
     }
 
     fn snapshot_create(&mut self, name: &str) -> Result<(), DiskError> {
