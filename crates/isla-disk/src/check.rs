@@ -50,6 +50,9 @@ impl CheckReport {
     }
 }
 
+/// Largest file `check` takes (512 MiB of counters; 16 TiB with 64 KiB clusters).
+const MAX_CHECK_CLUSTERS: u64 = 1 << 27;
+
 /// A refcount to correct: (cluster, right value, true if a leak).
 type Fix = (u64, u64, bool);
 
@@ -61,14 +64,14 @@ struct Scan {
 
 /// A reference counter over the clusters of the file.
 struct Refs {
-    counts: Vec<u64>,
+    counts: Vec<u32>,
     cs: u64,
 }
 
 impl Refs {
     fn add(&mut self, off: u64, what: &str, r: &mut CheckReport) {
         match self.counts.get_mut((off / self.cs) as usize) {
-            Some(c) => *c += 1,
+            Some(c) => *c = c.saturating_add(1),
             None => {
                 r.corruptions += 1;
                 r.messages.push(format!("ERROR {what} at {off:#x} is outside the image file"));
@@ -91,6 +94,12 @@ fn scan(img: &mut Qcow2) -> Result<Scan, DiskError> {
         total_clusters: img.h.size.div_ceil(cs),
         ..Default::default()
     };
+    if n > MAX_CHECK_CLUSTERS {
+        return Err(DiskError::unsupported(
+            &img.path,
+            format!("checking a file of {n} clusters (the checker holds a counter per cluster; at most {MAX_CHECK_CLUSTERS})"),
+        ));
+    }
     let mut refs = Refs { counts: vec![0; n as usize], cs };
     refs.add(0, "header", &mut r);
     refs.add_range(img.h.l1_table_offset, img.l1.len() as u64 * 8, "L1 table", &mut r);
@@ -147,7 +156,7 @@ fn scan(img: &mut Qcow2) -> Result<Scan, DiskError> {
                 continue;
             }
         };
-        let expected = refs.counts.get(c as usize).copied().unwrap_or(0);
+        let expected = refs.counts.get(c as usize).copied().map_or(0, u64::from);
         if stored != expected {
             let leak = stored > expected;
             if leak {

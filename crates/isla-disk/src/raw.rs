@@ -95,5 +95,6 @@ pub(crate) fn create(path: &Path, size: u64) -> Result<(), DiskError> {
 
 pub(crate) fn resize(path: &Path, size: u64) -> Result<(), DiskError> {
     let file = OpenOptions::new().write(true).open(path).map_err(|e| DiskError::io(path, "open", e))?;
+    crate::lock(&file, path, true)?;
     file.set_len(size).map_err(|e| DiskError::io(path, "set size", e))
 }
