@@ -115,7 +115,9 @@ impl std::str::FromStr for Format {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OpenOptions {
     pub read_only: bool,
-    /// Format to use; `None` detects it (qcow2 by its magic, raw otherwise).
+    /// Format to use; `None` detects it (qcow2 by its magic, raw otherwise). Give it for disks
+    /// a guest writes: a raw disk whose first bytes the guest set to the qcow2 magic would
+    /// otherwise open as qcow2 next time.
     pub format: Option<Format>,
 }
 

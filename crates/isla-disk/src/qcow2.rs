@@ -645,7 +645,16 @@ impl Qcow2 {
             }
         }
         let table = match old {
-            Some(o) => self.l2_table(o)?.clone(),
+            Some(o) => {
+                let shared = self.refcount(o / self.cs)? > 1;
+                let mut t = self.l2_table(o)?.clone();
+                if shared {
+                    // Everything a shared table maps is shared too: no entry of the copy may be
+                    // written in place, whatever flags the old table carried.
+                    t.iter_mut().for_each(|e| *e &= !COPIED);
+                }
+                t
+            }
             None => vec![0u64; self.l2_entries as usize],
         };
         let new = self.alloc_cluster()?;
