@@ -40,12 +40,35 @@ fn random_op(rng: &mut Rng, dev: &mut dyn BlockBackend, reference: &mut [u8], cl
     }
 }
 
-fn randomized(name: &str, cluster: u32, size: u64, ops: usize, seed: u64) {
+/// Random operations on a qcow2 (over a randomly filled backing file when `backing`), compared
+/// with a reference buffer, then read back by isla and by qemu.
+fn randomized(name: &str, cluster: u32, size: u64, ops: usize, seed: u64, backing: bool) {
     let dir = Scratch::new(name);
     let img = dir.path("r.qcow2");
-    create_qcow2(&img, size, cluster);
     let mut reference = vec![0u8; size as usize];
     let mut rng = Rng(seed);
+    if backing {
+        let base = dir.path("base.qcow2");
+        create_qcow2(&base, size, 65536);
+        let mut b = open_rw(&base);
+        for _ in 0..200 {
+            let (off, len) = random_range(&mut rng, size, 65536);
+            let mut data = vec![0u8; len as usize];
+            rng.fill(&mut data);
+            b.write_at(&data, off).unwrap();
+            reference[off as usize..(off + len) as usize].copy_from_slice(&data);
+        }
+        drop(b);
+        let o = CreateOptions {
+            format: Format::Qcow2,
+            size: None,
+            backing: Some(("base.qcow2".into(), Format::Qcow2)),
+            cluster_size: Some(cluster),
+        };
+        isla_disk::create(&img, &o).unwrap();
+    } else {
+        create_qcow2(&img, size, cluster);
+    }
     {
         let mut dev = open_rw(&img);
         for _ in 0..ops {
@@ -62,14 +85,19 @@ fn randomized(name: &str, cluster: u32, size: u64, ops: usize, seed: u64) {
 
 #[test]
 fn randomized_io_matches_raw_reference_64k_clusters() {
-    randomized("rand64k", 65536, 8 << 20, 3000, 0x5eed_0001);
+    randomized("rand64k", 65536, 8 << 20, 3000, 0x5eed_0001, false);
+}
+
+#[test]
+fn randomized_io_over_a_backing_file_matches_raw_reference() {
+    randomized("randbacking", 4096, 4 << 20, 3000, 0x5eed_0007, true);
 }
 
 #[test]
 fn randomized_io_matches_raw_reference_512b_clusters_grows_refcount_table() {
     // 512-byte clusters: 256 refcounts per block, 64 table entries per cluster: the refcount
     // table has to move and grow several times for 4 MiB of data.
-    randomized("rand512", 512, 4 << 20, 3000, 0x5eed_0002);
+    randomized("rand512", 512, 4 << 20, 3000, 0x5eed_0002, false);
 }
 
 #[test]
