@@ -450,7 +450,7 @@ fn bench(a: &BenchArgs) -> Result<()> {
     if slots == 0 {
         bail!("{}: the image is smaller than one request", a.file.display());
     }
-    let count = a.count.min(slots.max(1) * 16);
+    let count = a.count;
     let fmt = isla_disk::detect(&a.file)?;
     println!("isla disk bench: {} ({fmt}), {count} requests of {bs} bytes, queue depth 1", a.file.display());
     let mut buf = vec![0xa5u8; bs as usize];

@@ -16,8 +16,9 @@
 //! - [`DiskError`]: every failure, naming the file and what is wrong with it.
 //!
 //! Why qcow2 is written here rather than taken from a crate: `imago` (the best-kept Rust qcow2
-//! crate) reads and writes qcow2 with backing files, but it is async-first and has no internal
-//! snapshot creation, apply or deletion and no refcount consistency check or repair, which are
+//! crate) reads and writes qcow2 with backing files, but it is async-first and (as its 0.2
+//! documentation shows) has no internal snapshot creation, apply or deletion and no refcount
+//! consistency check or repair, which are
 //! half of what isla needs; `qcow2` and `qcow2-rs` are read-only or lack the same pieces. The
 //! format is small and fully specified (QEMU's `docs/interop/qcow2.txt`), so this crate
 //! implements version 2 and 3 images directly, synchronously, with exact refcounts: everything
