@@ -59,13 +59,7 @@ fn randomized(name: &str, cluster: u32, size: u64, ops: usize, seed: u64, backin
             reference[off as usize..(off + len) as usize].copy_from_slice(&data);
         }
         drop(b);
-        let o = CreateOptions {
-            format: Format::Qcow2,
-            size: None,
-            backing: Some(("base.qcow2".into(), Format::Qcow2)),
-            cluster_size: Some(cluster),
-        };
-        isla_disk::create(&img, &o).unwrap();
+        create_overlay(&img, "base.qcow2", Format::Qcow2, Some(cluster));
     } else {
         create_qcow2(&img, size, cluster);
     }
@@ -248,13 +242,7 @@ fn linked_clone_over_shared_base() {
     let base_bytes = std::fs::read(&base).unwrap();
     let clones: Vec<_> = (0..2).map(|i| dir.path(&format!("clone{i}.qcow2"))).collect();
     for (i, c) in clones.iter().enumerate() {
-        let o = CreateOptions {
-            format: Format::Qcow2,
-            size: None,
-            backing: Some(("base.raw".into(), Format::Raw)),
-            cluster_size: None,
-        };
-        isla_disk::create(c, &o).unwrap();
+        create_overlay(c, "base.raw", Format::Raw, None);
         let mut d = open_rw(c);
         assert_eq!(d.size(), 1 << 20);
         d.write_at(&[i as u8 + 1; 1000], 100).unwrap();
@@ -410,13 +398,7 @@ fn images_in_use_are_locked() {
     let base = dir.path("base.qcow2");
     let clone = dir.path("clone.qcow2");
     create_qcow2(&base, 1 << 20, 65536);
-    let o = CreateOptions {
-        format: Format::Qcow2,
-        size: None,
-        backing: Some(("base.qcow2".into(), Format::Qcow2)),
-        cluster_size: None,
-    };
-    isla_disk::create(&clone, &o).unwrap();
+    create_overlay(&clone, "base.qcow2", Format::Qcow2, None);
     let writer = open_rw(&clone);
     let e = isla_disk::open(&clone, OpenOptions { read_only: false, format: None }).err().expect("two writers");
     assert!(matches!(e, isla_disk::DiskError::Locked { .. }), "{e}");

@@ -81,6 +81,13 @@ pub fn create_qcow2(path: &Path, size: u64, cluster_size: u32) {
     isla_disk::create(path, &o).unwrap();
 }
 
+/// Creates a qcow2 overlay over `backing` (a name relative to the overlay's directory), sized
+/// like the backing file.
+pub fn create_overlay(path: &Path, backing: &str, fmt: Format, cluster_size: Option<u32>) {
+    let o = CreateOptions { format: Format::Qcow2, size: None, backing: Some((backing.into(), fmt)), cluster_size };
+    isla_disk::create(path, &o).unwrap();
+}
+
 pub fn open_rw(path: &Path) -> Box<dyn BlockBackend> {
     open(path, OpenOptions { read_only: false, format: None }).unwrap()
 }
