@@ -124,6 +124,10 @@ pub(crate) struct Staged {
 }
 
 impl Staged {
+    pub fn at(path: PathBuf) -> Staged {
+        Staged { path, keep: false }
+    }
+
     pub fn keep(mut self) -> PathBuf {
         self.keep = true;
         std::mem::take(&mut self.path)
@@ -473,16 +477,9 @@ impl Store {
     pub fn commit_image(&self, config: &ImageConfiguration, layers: &[LayerDesc], name: Option<&str>) -> Result<Digest> {
         let cbytes = serde_json::to_vec(config).map_err(|e| Error::invalid("image configuration", e.to_string()))?;
         let cd = self.put_blob_bytes(&cbytes)?;
-        let manifest = serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": MediaType::ImageManifest.to_string(),
-            "config": Descriptor::new(MediaType::ImageConfig, cbytes.len() as u64, cd),
-            "layers": layers.iter().map(LayerDesc::descriptor).collect::<Vec<_>>(),
-        });
-        let mbytes = serde_json::to_vec(&manifest).map_err(|e| Error::invalid("image manifest", e.to_string()))?;
-        let md = self.put_blob_bytes(&mbytes)?;
-        self.tag(name, &Descriptor::new(MediaType::ImageManifest, mbytes.len() as u64, md.clone()))?;
-        Ok(md)
+        let desc = self.put_manifest(&cd, cbytes.len() as u64, layers)?;
+        self.tag(name, &desc)?;
+        Ok(desc.digest().clone())
     }
 
     /// Reads an image by manifest digest.
