@@ -40,7 +40,7 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    pub(crate) fn invalid(what: impl Into<String>, msg: impl Into<String>) -> Self {
+    pub fn invalid(what: impl Into<String>, msg: impl Into<String>) -> Self {
         Error::Invalid { what: what.into(), msg: msg.into() }
     }
 }
