@@ -2,6 +2,7 @@
 //! Argument parsing and output only; the work is done by the library crates.
 
 mod bench;
+mod image;
 mod kit;
 mod peer;
 
@@ -28,6 +29,10 @@ enum Cmd {
     /// The guest kit: kernel, initramfs and rootfs for microVMs.
     #[command(subcommand)]
     Guest(GuestCmd),
+    /// Container images: store, import/export, registry, build.
+    Image(image::ImageArgs),
+    /// Build an image from a Containerfile (same as `isla image build`).
+    Build(image::BuildArgs),
 }
 
 #[derive(Subcommand)]
@@ -168,6 +173,8 @@ fn main() -> ExitCode {
             k.print();
             0
         }),
+        Cmd::Image(a) => image::run(a).map(|()| 0),
+        Cmd::Build(a) => image::build(a).map(|()| 0),
     };
     match result {
         Ok(code) => ExitCode::from(code as u8),

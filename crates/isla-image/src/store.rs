@@ -155,6 +155,12 @@ pub(crate) fn unique(prefix: &str) -> String {
     format!("{prefix}-{}-{n}-{t:08x}", std::process::id())
 }
 
+/// Removes a directory tree, unmounting anything mounted inside it first (best effort).
+pub fn remove_tree(dir: &Path) {
+    crate::rootfs::unmount_all_under(dir);
+    let _ = fs::remove_dir_all(dir);
+}
+
 /// Adds ":latest" to a name without a tag and checks the characters.
 pub fn normalize_name(name: &str) -> Result<String> {
     let ok = !name.is_empty()
