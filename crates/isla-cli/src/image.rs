@@ -163,7 +163,9 @@ impl Progress for Bars {
     fn start(&self, task: &str, total: Option<u64>) {
         let bar = match total {
             Some(t) => ProgressBar::new(t).with_style(
-                ProgressStyle::with_template("{msg:24} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}").unwrap_or_else(|_| ProgressStyle::default_bar()).progress_chars("=> "),
+                ProgressStyle::with_template("{msg:24} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
             ),
             None => ProgressBar::new_spinner(),
         };
@@ -197,7 +199,8 @@ impl StoreArg {
 
 fn open(s: &StoreArg) -> Result<Store> {
     let root = s.root();
-    let store = Store::open(&root).with_context(|| format!("opening the image store at {} (--root)", root.display()))?;
+    let store =
+        Store::open(&root).with_context(|| format!("opening the image store at {} (--root)", root.display()))?;
     Ok(store.with_progress(Arc::new(Bars(Mutex::new(None)))))
 }
 
@@ -252,7 +255,12 @@ pub fn run(args: &ImageArgs) -> Result<()> {
                         let names = if i.names.is_empty() { vec!["<none>".to_string()] } else { i.names.clone() };
                         for n in names {
                             let created = i.config.created().clone().unwrap_or_default();
-                            println!("{n:<40} {:<14} {:>10} {:>6}  {created}", isla_image::store::short(&i.digest), human(i.size), i.manifest.layers().len());
+                            println!(
+                                "{n:<40} {:<14} {:>10} {:>6}  {created}",
+                                isla_image::store::short(&i.digest),
+                                human(i.size),
+                                i.manifest.layers().len()
+                            );
                         }
                     }
                 }
@@ -260,17 +268,30 @@ pub fn run(args: &ImageArgs) -> Result<()> {
         }
         ImageCmd::Inspect { image } => {
             let i = store.resolve(image)?;
-            print_json(&serde_json::json!({"digest": i.digest.to_string(), "names": i.names, "size": i.size, "manifest": i.manifest, "config": i.config}))?;
+            print_json(
+                &serde_json::json!({"digest": i.digest.to_string(), "names": i.names, "size": i.size, "manifest": i.manifest, "config": i.config}),
+            )?;
         }
         ImageCmd::Rm { images } => {
             for i in images {
                 let r = store.remove(i)?;
-                println!("removed {i} (freed {}: {} blobs, {} layers)", human(r.bytes_freed), r.blobs_removed, r.layers_removed);
+                println!(
+                    "removed {i} (freed {}: {} blobs, {} layers)",
+                    human(r.bytes_freed),
+                    r.blobs_removed,
+                    r.layers_removed
+                );
             }
         }
         ImageCmd::Prune { build_cache } => {
             let r = store.prune(*build_cache)?;
-            println!("freed {}: {} blobs, {} layers, {} staging leftovers", human(r.bytes_freed), r.blobs_removed, r.layers_removed, r.staging_removed);
+            println!(
+                "freed {}: {} blobs, {} layers, {} staging leftovers",
+                human(r.bytes_freed),
+                r.blobs_removed,
+                r.layers_removed,
+                r.staging_removed
+            );
         }
         ImageCmd::Df { output } => {
             let du = store.disk_usage()?;
@@ -354,13 +375,29 @@ pub fn build(args: &BuildArgs) -> Result<()> {
 fn build_in(store: &Store, args: &BuildArgs) -> Result<()> {
     let file = match &args.file {
         Some(f) => f.clone(),
-        None => ["Containerfile", "Dockerfile"].iter().map(|n| args.context.join(n)).find(|p| p.exists()).unwrap_or_else(|| args.context.join("Containerfile")),
+        None => ["Containerfile", "Dockerfile"]
+            .iter()
+            .map(|n| args.context.join(n))
+            .find(|p| p.exists())
+            .unwrap_or_else(|| args.context.join("Containerfile")),
     };
     let text = std::fs::read_to_string(&file).with_context(|| format!("reading {} (-f)", file.display()))?;
     let runner = ChrootRunner;
-    let b = Builder { store, context: args.context.clone(), file: file.display().to_string(), runner: &runner, verbose: true };
+    let b = Builder {
+        store,
+        context: args.context.clone(),
+        file: file.display().to_string(),
+        runner: &runner,
+        verbose: true,
+    };
     let r = b.build(&text, args.tag.as_deref())?;
-    println!("built {} {} ({} steps cached, {} run)", args.tag.as_deref().unwrap_or("<none>"), r.digest, r.cached, r.executed);
+    println!(
+        "built {} {} ({} steps cached, {} run)",
+        args.tag.as_deref().unwrap_or("<none>"),
+        r.digest,
+        r.cached,
+        r.executed
+    );
     Ok(())
 }
 
@@ -386,8 +423,12 @@ fn make_archive(path: &Path, size: u64) -> Result<()> {
     }
     let layer = layer.into_inner()?;
     let diff = isla_image::digest::of_bytes(&layer);
-    let config = serde_json::to_vec(&serde_json::json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [diff.to_string()]}}))?;
-    let manifest = serde_json::to_vec(&serde_json::json!([{"Config": "config.json", "RepoTags": ["bench:1"], "Layers": ["layer/layer.tar"]}]))?;
+    let config = serde_json::to_vec(
+        &serde_json::json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [diff.to_string()]}}),
+    )?;
+    let manifest = serde_json::to_vec(
+        &serde_json::json!([{"Config": "config.json", "RepoTags": ["bench:1"], "Layers": ["layer/layer.tar"]}]),
+    )?;
     let mut out = tar::Builder::new(std::fs::File::create(path).with_context(|| path.display().to_string())?);
     for (name, data) in [("config.json", &config), ("layer/layer.tar", &layer), ("manifest.json", &manifest)] {
         let mut h = tar::Header::new_gnu();

@@ -33,8 +33,14 @@ fn big_archive(path: &Path, size: usize) {
     }
     let layer = layer.into_inner().expect("layer");
     let diff = isla_image::digest::of_bytes(&layer).to_string();
-    let config = serde_json::to_vec(&serde_json::json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [diff]}})).expect("json");
-    let manifest = serde_json::to_vec(&serde_json::json!([{"Config": "c.json", "RepoTags": ["big:1"], "Layers": ["l/layer.tar"]}])).expect("json");
+    let config = serde_json::to_vec(
+        &serde_json::json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [diff]}}),
+    )
+    .expect("json");
+    let manifest = serde_json::to_vec(
+        &serde_json::json!([{"Config": "c.json", "RepoTags": ["big:1"], "Layers": ["l/layer.tar"]}]),
+    )
+    .expect("json");
     let mut out = tar::Builder::new(fs::File::create(path).expect("create"));
     for (name, data) in [("c.json", &config), ("l/layer.tar", &layer), ("manifest.json", &manifest)] {
         let mut h = tar::Header::new_gnu();
@@ -65,7 +71,9 @@ fn killed_import_leaves_a_consistent_store_and_can_be_redone() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let staging = root.join("tmp");
     loop {
-        let writing = fs::read_dir(&staging).map(|rd| rd.flatten().any(|e| e.metadata().map(|m| m.len() > (1 << 20)).unwrap_or(false))).unwrap_or(false);
+        let writing = fs::read_dir(&staging)
+            .map(|rd| rd.flatten().any(|e| e.metadata().map(|m| m.len() > (1 << 20)).unwrap_or(false)))
+            .unwrap_or(false);
         if writing {
             break;
         }
@@ -95,8 +103,16 @@ fn build_save_load_from_the_command_line() {
     let root = dir.path().join("store");
     let ctx = dir.path().join("ctx");
     fs::create_dir(&ctx).expect("mkdir");
-    fs::write(ctx.join("Containerfile"), "FROM busybox\nRUN echo built > /built\nCMD [\"cat\", \"/built\"]\n").expect("write");
-    let out = Command::new(env!("CARGO_BIN_EXE_isla")).arg("build").arg("--root").arg(&root).args(["-t", "cli:1"]).arg(&ctx).output().expect("isla build");
+    fs::write(ctx.join("Containerfile"), "FROM busybox\nRUN echo built > /built\nCMD [\"cat\", \"/built\"]\n")
+        .expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_isla"))
+        .arg("build")
+        .arg("--root")
+        .arg(&root)
+        .args(["-t", "cli:1"])
+        .arg(&ctx)
+        .output()
+        .expect("isla build");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let ls: serde_json::Value = serde_json::from_str(&ok(&root, &["ls", "--output", "json"])).expect("json");
     assert_eq!(ls.as_array().map(Vec::len), Some(2), "busybox was made on the fly: {ls}");

@@ -89,7 +89,8 @@ impl Source<'_> {
     /// its digest.
     fn blob(&self, store: &Store, name: &str, expected: Option<&Digest>) -> Result<Digest> {
         let missing = || Error::invalid(name, "the archive has no such file (it is named in a manifest)");
-        let cname = clean(name).ok_or_else(|| Error::invalid(name, "path leaves the archive (`..` or absolute); refusing it"))?;
+        let cname = clean(name)
+            .ok_or_else(|| Error::invalid(name, "path leaves the archive (`..` or absolute); refusing it"))?;
         let d = match self {
             Source::Tar { small, big, links } => {
                 let mut n = cname;
@@ -126,7 +127,9 @@ fn read_tar<'a>(store: &Store, path: &Path) -> Result<Source<'a>> {
     let f = File::open(path).at(path)?;
     let total = f.metadata().ok().map(|m| m.len());
     let what = path.display().to_string();
-    store.progress().start(&format!("read {}", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()), total);
+    store
+        .progress()
+        .start(&format!("read {}", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()), total);
     let reader = layer::decompress(ProgressReader { inner: f, progress: store.progress() }, &what)?;
     let mut ar = tar::Archive::new(reader);
     let (mut small, mut big, mut links) = (HashMap::new(), HashMap::new(), HashMap::new());
@@ -140,7 +143,11 @@ fn read_tar<'a>(store: &Store, path: &Path) -> Result<Source<'a>> {
         if kind.is_symlink() || kind.is_hard_link() {
             if let Some(t) = e.link_name_bytes() {
                 let t = String::from_utf8_lossy(&t).into_owned();
-                let base = if kind.is_symlink() { Path::new(&name).parent().unwrap_or(Path::new("")).join(&t) } else { PathBuf::from(&t) };
+                let base = if kind.is_symlink() {
+                    Path::new(&name).parent().unwrap_or(Path::new("")).join(&t)
+                } else {
+                    PathBuf::from(&t)
+                };
                 if let Some(target) = base.to_str().and_then(clean_dots) {
                     links.insert(name, target);
                 }
@@ -211,19 +218,32 @@ pub fn load(store: &Store, path: &Path) -> Result<Vec<Loaded>> {
             let config: ImageConfiguration = parse_json(&cbytes, &format!("{what}: {}", e.config))?;
             let diff_ids = config.rootfs().diff_ids();
             if diff_ids.len() != e.layers.len() {
-                return Err(Error::invalid(&what, format!("manifest.json lists {} layers, the configuration {} diff_ids", e.layers.len(), diff_ids.len())));
+                return Err(Error::invalid(
+                    &what,
+                    format!(
+                        "manifest.json lists {} layers, the configuration {} diff_ids",
+                        e.layers.len(),
+                        diff_ids.len()
+                    ),
+                ));
             }
             let mut layers = Vec::new();
             for (lp, diff) in e.layers.iter().zip(diff_ids) {
                 let d = src.blob(store, lp, None)?;
                 let size = fs::metadata(store.blob_path(&d)?).at(&store.blob_path(&d)?)?.len();
                 let media_type = layer_media_type(store, &d)?;
-                layers.push(LayerDesc { digest: d, size, diff_id: digest::parse(diff, "rootfs.diff_ids")?, media_type });
+                layers.push(LayerDesc {
+                    digest: d,
+                    size,
+                    diff_id: digest::parse(diff, "rootfs.diff_ids")?,
+                    media_type,
+                });
             }
             for l in &layers {
                 store.ensure_unpacked(l)?;
             }
-            let names: Vec<String> = e.repo_tags.unwrap_or_default().iter().map(|n| normalize_name(n)).collect::<Result<_>>()?;
+            let names: Vec<String> =
+                e.repo_tags.unwrap_or_default().iter().map(|n| normalize_name(n)).collect::<Result<_>>()?;
             let desc = store.put_manifest(&cd, cbytes.len() as u64, &layers)?;
             tag_all(store, &names, &desc)?;
             out.push(Loaded { digest: desc.digest().clone(), names });
@@ -244,7 +264,10 @@ pub fn load(store: &Store, path: &Path) -> Result<Vec<Loaded>> {
             out.push(Loaded { digest: desc.digest().clone(), names });
         }
     } else {
-        return Err(Error::invalid(&what, "neither manifest.json (docker save) nor index.json (OCI image layout) found"));
+        return Err(Error::invalid(
+            &what,
+            "neither manifest.json (docker save) nor index.json (OCI image layout) found",
+        ));
     }
     Ok(out)
 }
@@ -278,7 +301,7 @@ fn resolve_manifest(store: &Store, src: &Source, d: &Descriptor, depth: usize) -
         return Err(Error::invalid(d.digest().to_string(), "image indexes nested too deeply"));
     }
     src.blob(store, &blob_name(d.digest())?, Some(d.digest()))?;
-    if !is_index(&d.media_type().to_string()) {
+    if !is_index(d.media_type().as_ref()) {
         return Ok(d.clone());
     }
     let idx: ImageIndex = parse_json(&store.read_blob(d.digest())?, &format!("index {}", d.digest()))?;
@@ -312,7 +335,10 @@ fn append(b: &mut tar::Builder<File>, name: &str, size: u64, r: impl Read, store
     h.set_mode(0o644);
     h.set_size(size);
     h.set_mtime(0);
-    store.progress().start(&format!("write {}", name.strip_prefix("blobs/sha256/").map(|s| &s[..12.min(s.len())]).unwrap_or(name)), Some(size));
+    store.progress().start(
+        &format!("write {}", name.strip_prefix("blobs/sha256/").map(|s| &s[..12.min(s.len())]).unwrap_or(name)),
+        Some(size),
+    );
     let r = b.append_data(&mut h, name, ProgressReader { inner: r, progress: store.progress() });
     store.progress().finish();
     r
@@ -346,7 +372,8 @@ pub fn save(store: &Store, what: &[String], out: &Path, format: Format) -> Resul
                 for l in img.manifest.layers() {
                     put(&mut b, &mut written, l.digest())?;
                 }
-                let name = normalize_name(asked).ok().filter(|n| img.names.contains(n)).or_else(|| img.names.first().cloned());
+                let name =
+                    normalize_name(asked).ok().filter(|n| img.names.contains(n)).or_else(|| img.names.first().cloned());
                 let mbytes = store.read_blob(&img.digest)?;
                 let mut d = Descriptor::new(MediaType::ImageManifest, mbytes.len() as u64, img.digest.clone());
                 if let Some(n) = name {
@@ -371,7 +398,10 @@ pub fn save(store: &Store, what: &[String], out: &Path, format: Format) -> Resul
                         // docker load wants uncompressed layers: stage the tar, then add it.
                         let staged = store.staged("save");
                         let mut sf = File::create(&staged.path).at(&staged.path)?;
-                        let mut hr = digest::HashingReader::new(layer::decompress(store.open_blob(&l.digest)?, &l.digest.to_string())?);
+                        let mut hr = digest::HashingReader::new(layer::decompress(
+                            store.open_blob(&l.digest)?,
+                            l.digest.as_ref(),
+                        )?);
                         io::copy(&mut hr, &mut sf).at(&staged.path)?;
                         let (d, size) = hr.drain().at(&staged.path)?;
                         digest::verify(&format!("layer {}", short(&l.digest)), &l.diff_id, &d)?;
@@ -383,7 +413,11 @@ pub fn save(store: &Store, what: &[String], out: &Path, format: Format) -> Resul
                     Ok(n) if img.names.contains(&n) => vec![n],
                     _ => img.names.clone(),
                 };
-                entries.push(DockerEntry { config: blob_name(img.manifest.config().digest())?, repo_tags: Some(tags), layers });
+                entries.push(DockerEntry {
+                    config: blob_name(img.manifest.config().digest())?,
+                    repo_tags: Some(tags),
+                    layers,
+                });
             }
             let mbytes = serde_json::to_vec(&entries).map_err(|e| Error::invalid("manifest.json", e.to_string()))?;
             append(&mut b, "manifest.json", mbytes.len() as u64, &mbytes[..], store).map_err(w)?;

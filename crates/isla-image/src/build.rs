@@ -91,7 +91,12 @@ fn pairs(args: &str, legacy: bool) -> std::result::Result<Vec<(String, String)>,
         let (k, v) = args.split_once(char::is_whitespace).ok_or("expected KEY=VALUE or KEY VALUE")?;
         return Ok(vec![(k.to_string(), v.trim().to_string())]);
     }
-    words.into_iter().map(|w| w.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or(format!("{w:?} is not KEY=VALUE"))).collect()
+    words
+        .into_iter()
+        .map(|w| {
+            w.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or(format!("{w:?} is not KEY=VALUE"))
+        })
+        .collect()
 }
 
 /// Splits on whitespace, honouring double and single quotes and backslash escapes.
@@ -126,6 +131,9 @@ fn split_words(s: &str) -> std::result::Result<Vec<String>, String> {
     }
     Ok(out)
 }
+
+/// COPY/ADD arguments: (as written, resolved in the context) sources, destination, --chown.
+type CopyArgs = (Vec<(String, PathBuf)>, String, Option<(u32, u32)>);
 
 /// What a build produced.
 #[derive(Debug, Clone)]
@@ -355,8 +363,11 @@ impl Builder<'_> {
         Ok(result)
     }
 
-    fn copy_args(&self, ins: &Instruction) -> Result<(Vec<(String, PathBuf)>, String, Option<(u32, u32)>)> {
-        let mut words = json_form(&ins.args).map(Ok).unwrap_or_else(|| split_words(&ins.args)).map_err(|e| self.err(ins.line, e))?;
+    fn copy_args(&self, ins: &Instruction) -> Result<CopyArgs> {
+        let mut words = json_form(&ins.args)
+            .map(Ok)
+            .unwrap_or_else(|| split_words(&ins.args))
+            .map_err(|e| self.err(ins.line, e))?;
         let mut chown = None;
         while words.first().is_some_and(|w| w.starts_with("--")) {
             let flag = words.remove(0);
@@ -365,7 +376,9 @@ impl Builder<'_> {
                     let (u, g) = spec.split_once(':').unwrap_or((spec, spec));
                     match (u.parse(), g.parse()) {
                         (Ok(u), Ok(g)) => chown = Some((u, g)),
-                        _ => return Err(self.err(ins.line, format!("{flag}: only numeric --chown=UID:GID is supported"))),
+                        _ => {
+                            return Err(self.err(ins.line, format!("{flag}: only numeric --chown=UID:GID is supported")))
+                        }
                     }
                 }
                 None => return Err(self.err(ins.line, format!("{} option {flag} is not supported", ins.keyword))),
@@ -378,7 +391,10 @@ impl Builder<'_> {
         let mut srcs = Vec::new();
         for w in words {
             if w.contains("://") {
-                return Err(self.err(ins.line, format!("{} of URLs ({w}) is not supported; download the file into the context", ins.keyword)));
+                return Err(self.err(
+                    ins.line,
+                    format!("{} of URLs ({w}) is not supported; download the file into the context", ins.keyword),
+                ));
             }
             if w.contains(['*', '?', '[']) {
                 return Err(self.err(ins.line, format!("wildcards ({w}) are not supported; name the files")));
@@ -391,7 +407,13 @@ impl Builder<'_> {
 
     /// Runs a layer-making step in an overlay, or takes it from the cache. Returns whether it
     /// was cached.
-    fn layer_step(&self, st: &mut State, ins: &Instruction, extra: &[u8], work: impl FnOnce(&RootfsMount, &Config) -> Result<()>) -> Result<bool> {
+    fn layer_step(
+        &self,
+        st: &mut State,
+        ins: &Instruction,
+        extra: &[u8],
+        work: impl FnOnce(&RootfsMount, &Config) -> Result<()>,
+    ) -> Result<bool> {
         let cfg_json = serde_json::to_vec(st.config.config()).unwrap_or_default();
         let key = hash_parts(&[st.key.as_bytes(), ins.keyword.as_bytes(), ins.args.as_bytes(), extra, &cfg_json]);
         let entry = self.store.root().join("cache/build").join(format!("{key}.json"));
@@ -430,7 +452,9 @@ impl Builder<'_> {
 
 fn push_layer(st: &mut State, l: LayerDesc, ins: &Instruction) {
     st.config.rootfs_mut().diff_ids_mut().push(l.diff_id.to_string());
-    let h: oci_spec::image::History = serde_json::from_value(serde_json::json!({"created_by": format!("{} {}", ins.keyword, ins.args)})).unwrap_or_default();
+    let h: oci_spec::image::History =
+        serde_json::from_value(serde_json::json!({"created_by": format!("{} {}", ins.keyword, ins.args)}))
+            .unwrap_or_default();
     let mut hist = st.config.history().clone().unwrap_or_default();
     hist.push(h);
     st.config.set_history(Some(hist));
@@ -446,9 +470,17 @@ fn edit(st: &mut State, f: impl FnOnce(&mut Config)) {
 
 /// Copies sources into the mounted root filesystem at `dest` (relative to `workdir`), resolving
 /// paths inside the root so that symbolic links in the image cannot lead outside it.
-fn copy_into(merged: &Path, srcs: &[(String, PathBuf)], dest: &str, workdir: &str, chown: Option<(u32, u32)>) -> Result<()> {
-    let root = rustix::fs::open(merged, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).at(merged)?;
-    let dest_abs = if dest.starts_with('/') { dest.to_string() } else { format!("{}/{dest}", workdir.trim_end_matches('/')) };
+fn copy_into(
+    merged: &Path,
+    srcs: &[(String, PathBuf)],
+    dest: &str,
+    workdir: &str,
+    chown: Option<(u32, u32)>,
+) -> Result<()> {
+    let root =
+        rustix::fs::open(merged, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).at(merged)?;
+    let dest_abs =
+        if dest.starts_with('/') { dest.to_string() } else { format!("{}/{dest}", workdir.trim_end_matches('/')) };
     let into_dir = dest.ends_with('/') || srcs.len() > 1 || srcs.iter().any(|(_, p)| p.is_dir()) || {
         crate::run::open_in_root(&root, &dest_abs, OFlags::PATH | OFlags::DIRECTORY).is_ok()
     };
@@ -487,9 +519,14 @@ fn copy_entry(src: &Path, dir: &impl std::os::fd::AsFd, name: &str, chown: Optio
     let md = fs::symlink_metadata(src).at(src)?;
     let at = Path::new(name);
     match rustix::fs::statat(dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW) {
-        Ok(st) if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory && md.is_dir() => {}
+        Ok(st) if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory && md.is_dir() => {
+        }
         Ok(st) => {
-            let flags = if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory { rustix::fs::AtFlags::REMOVEDIR } else { rustix::fs::AtFlags::empty() };
+            let flags = if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory {
+                rustix::fs::AtFlags::REMOVEDIR
+            } else {
+                rustix::fs::AtFlags::empty()
+            };
             rustix::fs::unlinkat(dir, name, flags).at(at)?;
         }
         Err(_) => {}
@@ -499,22 +536,50 @@ fn copy_entry(src: &Path, dir: &impl std::os::fd::AsFd, name: &str, chown: Optio
             Ok(()) | Err(rustix::io::Errno::EXIST) => {}
             Err(e) => return Err(e).at(at),
         }
-        let sub = rustix::fs::openat(dir, name, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()).at(at)?;
+        let sub = rustix::fs::openat(
+            dir,
+            name,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .at(at)?;
         copy_tree(src, &sub, chown)?;
     } else if md.file_type().is_symlink() {
         let target = fs::read_link(src).at(src)?;
         rustix::fs::symlinkat(&target, dir, name).at(at)?;
     } else if md.is_file() {
-        let fd = rustix::fs::openat(dir, name, OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::from_bits_truncate(0o600)).at(at)?;
+        let fd = rustix::fs::openat(
+            dir,
+            name,
+            OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_bits_truncate(0o600),
+        )
+        .at(at)?;
         let mut out = fs::File::from(fd);
         std::io::copy(&mut fs::File::open(src).at(src)?, &mut out).at(at)?;
     } else {
-        return Err(Error::invalid(src.display().to_string(), "only files, directories and symbolic links can be copied"));
+        return Err(Error::invalid(
+            src.display().to_string(),
+            "only files, directories and symbolic links can be copied",
+        ));
     }
     let (uid, gid) = chown.unwrap_or((0, 0));
-    rustix::fs::chownat(dir, name, Some(rustix::fs::Uid::from_raw(uid)), Some(rustix::fs::Gid::from_raw(gid)), rustix::fs::AtFlags::SYMLINK_NOFOLLOW).at(at)?;
+    rustix::fs::chownat(
+        dir,
+        name,
+        Some(rustix::fs::Uid::from_raw(uid)),
+        Some(rustix::fs::Gid::from_raw(gid)),
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .at(at)?;
     if !md.file_type().is_symlink() {
-        rustix::fs::chmodat(dir, name, Mode::from_bits_truncate(md.permissions().mode() & 0o7777), rustix::fs::AtFlags::empty()).at(at)?;
+        rustix::fs::chmodat(
+            dir,
+            name,
+            Mode::from_bits_truncate(md.permissions().mode() & 0o7777),
+            rustix::fs::AtFlags::empty(),
+        )
+        .at(at)?;
     }
     Ok(())
 }

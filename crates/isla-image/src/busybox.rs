@@ -39,7 +39,14 @@ fn config(cmd: &[&str]) -> Result<ImageConfiguration> {
     .map_err(|e| Error::invalid("image configuration", e.to_string()))
 }
 
-fn entry(b: &mut tar::Builder<&mut dyn Write>, path: &str, kind: EntryType, mode: u32, data: &[u8], link: Option<&str>) -> io::Result<()> {
+fn entry(
+    b: &mut tar::Builder<&mut dyn Write>,
+    path: &str,
+    kind: EntryType,
+    mode: u32,
+    data: &[u8],
+    link: Option<&str>,
+) -> io::Result<()> {
     let mut h = Header::new_gnu();
     h.set_entry_type(kind);
     h.set_mode(mode);
@@ -62,7 +69,10 @@ pub fn busybox_layer(busybox: &Path, out: &mut dyn Write) -> Result<()> {
     })?;
     let list = Command::new(busybox).arg("--list-full").output().at(busybox)?;
     if !list.status.success() {
-        return Err(Error::invalid(busybox.display().to_string(), "`busybox --list-full` failed; is it a static busybox?"));
+        return Err(Error::invalid(
+            busybox.display().to_string(),
+            "`busybox --list-full` failed; is it a static busybox?",
+        ));
     }
     let mut applets: Vec<String> = String::from_utf8_lossy(&list.stdout)
         .lines()
@@ -71,7 +81,8 @@ pub fn busybox_layer(busybox: &Path, out: &mut dyn Write) -> Result<()> {
         .collect();
     applets.sort();
     applets.dedup();
-    let mut dirs: Vec<&str> = vec!["bin", "dev", "etc", "home", "proc", "root", "sbin", "sys", "tmp", "usr", "usr/bin", "usr/sbin", "var"];
+    let mut dirs: Vec<&str> =
+        vec!["bin", "dev", "etc", "home", "proc", "root", "sbin", "sys", "tmp", "usr", "usr/bin", "usr/sbin", "var"];
     dirs.sort();
     let mut b = tar::Builder::new(out);
     let w = |e: io::Error| Error::invalid("busybox layer", e.to_string());

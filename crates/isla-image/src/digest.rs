@@ -50,7 +50,11 @@ pub fn verify(what: &str, expected: &Digest, actual: &Digest) -> Result<()> {
     if expected == actual {
         Ok(())
     } else {
-        Err(Error::DigestMismatch { what: what.to_string(), expected: expected.to_string(), actual: actual.to_string() })
+        Err(Error::DigestMismatch {
+            what: what.to_string(),
+            expected: expected.to_string(),
+            actual: actual.to_string(),
+        })
     }
 }
 

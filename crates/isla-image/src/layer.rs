@@ -71,7 +71,8 @@ fn components<'p>(raw: &'p [u8], layer: &str) -> Result<Vec<&'p [u8]>> {
 pub fn unpack(r: impl Read, dest: &Path, layer: &str) -> Result<(Digest, u64)> {
     let hr = HashingReader::new(decompress(r, layer)?);
     let mut ar = tar::Archive::new(hr);
-    let root: OwnedFd = rustix::fs::open(dest, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).at(dest)?;
+    let root: OwnedFd =
+        rustix::fs::open(dest, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).at(dest)?;
     let mut u = Unpacker { root, layer, dest, cache: None };
     let mut n = 0u64;
     let entries = ar.entries().map_err(|e| Error::invalid(layer, format!("not a tar archive: {e}")))?;
@@ -121,7 +122,10 @@ impl Unpacker<'_> {
                 Err(rustix::io::Errno::NOTDIR) | Err(rustix::io::Errno::LOOP) => {
                     return Err(self.refuse(
                         entry,
-                        format!("goes through {:?}, which is a symbolic link or not a directory; refusing to follow it", String::from_utf8_lossy(c)),
+                        format!(
+                            "goes through {:?}, which is a symbolic link or not a directory; refusing to follow it",
+                            String::from_utf8_lossy(c)
+                        ),
                     ))
                 }
                 Err(e) => return Err(self.io(entry, e)),
@@ -172,7 +176,8 @@ impl Unpacker<'_> {
                 return Err(self.refuse(&raw, "whiteout without a valid name"));
             }
             self.clear(&dir, hidden, false, &raw)?;
-            rustix::fs::mknodat(&dir, hidden, FileType::CharacterDevice, Mode::empty(), 0).map_err(|e| self.io(&raw, e))?;
+            rustix::fs::mknodat(&dir, hidden, FileType::CharacterDevice, Mode::empty(), 0)
+                .map_err(|e| self.io(&raw, e))?;
             self.invalidate(&parent, hidden);
             return Ok(());
         }
@@ -185,28 +190,40 @@ impl Unpacker<'_> {
         match kind {
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
                 let flags = OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-                let fd = rustix::fs::openat(&dir, name.as_slice(), flags, Mode::from_bits_truncate(0o600)).map_err(|er| self.io(&raw, er))?;
+                let fd = rustix::fs::openat(&dir, name.as_slice(), flags, Mode::from_bits_truncate(0o600))
+                    .map_err(|er| self.io(&raw, er))?;
                 let mut f = File::from(fd);
-                io::copy(e, &mut f).map_err(|er| Error::invalid(self.layer, format!("entry {:?}: {er}", String::from_utf8_lossy(&raw))))?;
+                io::copy(e, &mut f).map_err(|er| {
+                    Error::invalid(self.layer, format!("entry {:?}: {er}", String::from_utf8_lossy(&raw)))
+                })?;
             }
             EntryType::Directory => {
                 if !existing_dir {
-                    rustix::fs::mkdirat(&dir, name.as_slice(), Mode::from_bits_truncate(0o700)).map_err(|er| self.io(&raw, er))?;
+                    rustix::fs::mkdirat(&dir, name.as_slice(), Mode::from_bits_truncate(0o700))
+                        .map_err(|er| self.io(&raw, er))?;
                 }
             }
             EntryType::Symlink => {
                 let target = e.link_name_bytes().ok_or_else(|| self.refuse(&raw, "symbolic link without a target"))?;
-                rustix::fs::symlinkat(OsStr::from_bytes(&target), &dir, name.as_slice()).map_err(|er| self.io(&raw, er))?;
+                rustix::fs::symlinkat(OsStr::from_bytes(&target), &dir, name.as_slice())
+                    .map_err(|er| self.io(&raw, er))?;
             }
             EntryType::Link => {
-                let target = e.link_name_bytes().ok_or_else(|| self.refuse(&raw, "hard link without a target"))?.into_owned();
+                let target =
+                    e.link_name_bytes().ok_or_else(|| self.refuse(&raw, "hard link without a target"))?.into_owned();
                 let tcomps = components(&target, self.layer)?;
                 let Some((tname, tparent)) = tcomps.split_last() else {
                     return Err(self.refuse(&raw, "hard link to the layer root"));
                 };
                 let tdir = self.open_dir(tparent, &raw)?;
                 rustix::fs::linkat(&tdir, *tname, &dir, name.as_slice(), AtFlags::empty()).map_err(|er| match er {
-                    rustix::io::Errno::NOENT => self.refuse(&raw, format!("hard link to {:?}, which is not earlier in this layer", String::from_utf8_lossy(&target))),
+                    rustix::io::Errno::NOENT => self.refuse(
+                        &raw,
+                        format!(
+                            "hard link to {:?}, which is not earlier in this layer",
+                            String::from_utf8_lossy(&target)
+                        ),
+                    ),
                     er => self.io(&raw, er),
                 })?;
                 // A hard link shares the target's metadata; nothing more to set.
@@ -220,9 +237,12 @@ impl Unpacker<'_> {
                 };
                 let maj = h.device_major().ok().flatten().unwrap_or(0);
                 let min = h.device_minor().ok().flatten().unwrap_or(0);
-                rustix::fs::mknodat(&dir, name.as_slice(), ft, mode, rustix::fs::makedev(maj, min)).map_err(|er| self.io(&raw, er))?;
+                rustix::fs::mknodat(&dir, name.as_slice(), ft, mode, rustix::fs::makedev(maj, min))
+                    .map_err(|er| self.io(&raw, er))?;
             }
-            EntryType::XGlobalHeader | EntryType::XHeader | EntryType::GNULongName | EntryType::GNULongLink => return Ok(()),
+            EntryType::XGlobalHeader | EntryType::XHeader | EntryType::GNULongName | EntryType::GNULongLink => {
+                return Ok(())
+            }
             other => return Err(self.refuse(&raw, format!("unsupported tar entry type {other:?}"))),
         }
 
@@ -246,16 +266,19 @@ impl Unpacker<'_> {
             for ext in exts.flatten() {
                 let Some(key) = ext.key_bytes().strip_prefix(b"SCHILY.xattr.") else { continue };
                 if key.starts_with(b"trusted.overlay.") {
-                    return Err(self.refuse(&raw, "carries a trusted.overlay.* extended attribute, which would steer overlayfs"));
+                    return Err(self
+                        .refuse(&raw, "carries a trusted.overlay.* extended attribute, which would steer overlayfs"));
                 }
-                rustix::fs::lsetxattr(&path, OsStr::from_bytes(key), ext.value_bytes(), XattrFlags::empty()).map_err(|er| self.io(&raw, er))?;
+                rustix::fs::lsetxattr(&path, OsStr::from_bytes(key), ext.value_bytes(), XattrFlags::empty())
+                    .map_err(|er| self.io(&raw, er))?;
             }
         }
         if kind != EntryType::Directory {
             let mtime = h.mtime().unwrap_or(0) as i64;
             let ts = rustix::fs::Timespec { tv_sec: mtime, tv_nsec: 0 };
             let times = Timestamps { last_access: ts, last_modification: ts };
-            rustix::fs::utimensat(&dir, name.as_slice(), &times, AtFlags::SYMLINK_NOFOLLOW).map_err(|er| self.io(&raw, er))?;
+            rustix::fs::utimensat(&dir, name.as_slice(), &times, AtFlags::SYMLINK_NOFOLLOW)
+                .map_err(|er| self.io(&raw, er))?;
         }
         Ok(())
     }
@@ -263,7 +286,10 @@ impl Unpacker<'_> {
     /// Drops the cached directory if `parent/name` (just replaced) is on its path.
     fn invalidate(&mut self, parent: &[&[u8]], name: &[u8]) {
         if let Some((c, _)) = &self.cache {
-            if c.len() > parent.len() && c[..parent.len()].iter().zip(parent).all(|(a, b)| a == b) && c[parent.len()] == name {
+            if c.len() > parent.len()
+                && c[..parent.len()].iter().zip(parent).all(|(a, b)| a == b)
+                && c[parent.len()] == name
+            {
                 self.cache = None;
             }
         }
@@ -301,8 +327,15 @@ pub fn write_dir(dir: &Path, out: &mut dyn Write, opts: WriteOptions) -> Result<
     Ok(())
 }
 
-fn walk(b: &mut tar::Builder<&mut dyn Write>, dir: &Path, rel: &str, opts: WriteOptions, links: &mut HashMap<(u64, u64), String>) -> Result<()> {
-    let mut names: Vec<_> = std::fs::read_dir(dir).at(dir)?.map(|e| e.map(|e| e.file_name())).collect::<io::Result<_>>().at(dir)?;
+fn walk(
+    b: &mut tar::Builder<&mut dyn Write>,
+    dir: &Path,
+    rel: &str,
+    opts: WriteOptions,
+    links: &mut HashMap<(u64, u64), String>,
+) -> Result<()> {
+    let mut names: Vec<_> =
+        std::fs::read_dir(dir).at(dir)?.map(|e| e.map(|e| e.file_name())).collect::<io::Result<_>>().at(dir)?;
     names.sort();
     for name in names {
         let path = dir.join(&name);

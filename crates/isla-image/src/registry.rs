@@ -47,7 +47,9 @@ impl Reference {
             None => (s, None),
         };
         let (registry, path) = match rest.split_once('/') {
-            Some((first, tail)) if first.contains(['.', ':']) || first == "localhost" => (first.to_string(), tail.to_string()),
+            Some((first, tail)) if first.contains(['.', ':']) || first == "localhost" => {
+                (first.to_string(), tail.to_string())
+            }
             _ => ("docker.io".to_string(), rest.to_string()),
         };
         let (repo, tag) = match path.rsplit_once(':') {
@@ -70,7 +72,9 @@ impl Reference {
     /// The local name for a pulled image ("registry/repo:tag", Docker Hub names short).
     pub fn local_name(&self) -> String {
         match self.registry.as_str() {
-            "docker.io" => format!("{}:{}", self.repository.strip_prefix("library/").unwrap_or(&self.repository), self.tag),
+            "docker.io" => {
+                format!("{}:{}", self.repository.strip_prefix("library/").unwrap_or(&self.repository), self.tag)
+            }
             r => format!("{r}/{}:{}", self.repository, self.tag),
         }
     }
@@ -120,7 +124,10 @@ fn parse_challenge(h: &str) -> (String, HashMap<String, String>) {
 
 impl Client {
     pub fn new() -> Client {
-        let agent = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(15)).timeout_read(Duration::from_secs(60)).build();
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(15))
+            .timeout_read(Duration::from_secs(60))
+            .build();
         Client { agent, insecure: false, credentials: None, tokens: Mutex::new(HashMap::new()) }
     }
 
@@ -131,16 +138,23 @@ impl Client {
     }
 
     fn basic(&self) -> Option<String> {
-        self.credentials.as_ref().map(|(u, p)| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))))
+        self.credentials
+            .as_ref()
+            .map(|(u, p)| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))))
     }
 
     /// Gets a token for the challenge and remembers it for `key`.
     fn authenticate(&self, key: &str, challenge: &str, url: &str) -> Result<()> {
         let (scheme, p) = parse_challenge(challenge);
         let auth = match scheme.as_str() {
-            "basic" => self.basic().ok_or_else(|| Error::Registry { url: url.into(), msg: "the registry wants a user name and password (--user)".into() })?,
+            "basic" => self.basic().ok_or_else(|| Error::Registry {
+                url: url.into(),
+                msg: "the registry wants a user name and password (--user)".into(),
+            })?,
             "bearer" => {
-                let realm = p.get("realm").ok_or_else(|| Error::Registry { url: url.into(), msg: "Bearer challenge without realm".into() })?;
+                let realm = p
+                    .get("realm")
+                    .ok_or_else(|| Error::Registry { url: url.into(), msg: "Bearer challenge without realm".into() })?;
                 let mut req = self.agent.get(realm);
                 for k in ["service", "scope"] {
                     if let Some(v) = p.get(k) {
@@ -150,23 +164,43 @@ impl Client {
                 if let Some(b) = self.basic() {
                     req = req.set("Authorization", &b);
                 }
-                let resp = req.call().map_err(|e| Error::Registry { url: realm.clone(), msg: format!("token request failed: {e}") })?;
-                let text = resp.into_string().map_err(|e| Error::Registry { url: realm.clone(), msg: format!("token response: {e}") })?;
-                let body: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Registry { url: realm.clone(), msg: format!("token response: {e}") })?;
-                let tok = body.get("token").or_else(|| body.get("access_token")).and_then(|t| t.as_str()).ok_or_else(|| Error::Registry {
-                    url: realm.clone(),
-                    msg: "token response has no token".into(),
-                })?;
+                let resp = req
+                    .call()
+                    .map_err(|e| Error::Registry { url: realm.clone(), msg: format!("token request failed: {e}") })?;
+                let text = resp
+                    .into_string()
+                    .map_err(|e| Error::Registry { url: realm.clone(), msg: format!("token response: {e}") })?;
+                let body: serde_json::Value = serde_json::from_str(&text)
+                    .map_err(|e| Error::Registry { url: realm.clone(), msg: format!("token response: {e}") })?;
+                let tok =
+                    body.get("token").or_else(|| body.get("access_token")).and_then(|t| t.as_str()).ok_or_else(
+                        || Error::Registry { url: realm.clone(), msg: "token response has no token".into() },
+                    )?;
                 format!("Bearer {tok}")
             }
-            other => return Err(Error::Registry { url: url.into(), msg: format!("unsupported authentication scheme {other:?}") }),
+            other => {
+                return Err(Error::Registry {
+                    url: url.into(),
+                    msg: format!("unsupported authentication scheme {other:?}"),
+                })
+            }
         };
-        self.tokens.lock().map_err(|_| Error::invalid("registry client", "token cache poisoned"))?.insert(key.to_string(), auth);
+        self.tokens
+            .lock()
+            .map_err(|_| Error::invalid("registry client", "token cache poisoned"))?
+            .insert(key.to_string(), auth);
         Ok(())
     }
 
     /// Sends a request, answering one authentication challenge. `body` is a file or bytes.
-    fn send<'b>(&self, r: &Reference, method: &str, url: &str, headers: &[(&str, &str)], body: Option<&mut dyn FnMut() -> Result<Body<'b>>>) -> Result<ureq::Response> {
+    fn send<'b>(
+        &self,
+        r: &Reference,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Option<&mut dyn FnMut() -> Result<Body<'b>>>,
+    ) -> Result<ureq::Response> {
         let key = format!("{}/{}", r.registry, r.repository);
         let mut body = body;
         for attempt in 0..2 {
@@ -192,7 +226,13 @@ impl Client {
                 }
                 Err(ureq::Error::Status(code, resp)) => {
                     let text = resp.into_string().unwrap_or_default();
-                    return Err(Error::Registry { url: url.into(), msg: format!("{method} failed with HTTP {code}: {}", text.trim().chars().take(300).collect::<String>()) });
+                    return Err(Error::Registry {
+                        url: url.into(),
+                        msg: format!(
+                            "{method} failed with HTTP {code}: {}",
+                            text.trim().chars().take(300).collect::<String>()
+                        ),
+                    });
                 }
                 Err(e) => return Err(Error::Registry { url: url.into(), msg: format!("{method} failed: {e}") }),
             }
@@ -203,12 +243,21 @@ impl Client {
     /// Fetches a manifest (or index) by tag or digest; returns its bytes, media type and digest.
     fn get_manifest(&self, r: &Reference, reference: &str) -> Result<(Vec<u8>, String, Digest)> {
         let url = format!("{}/manifests/{reference}", self.base(r));
-        let accept = [MediaType::ImageManifest.to_string(), MediaType::ImageIndex.to_string(), DOCKER_MANIFEST.into(), DOCKER_LIST.into()].join(", ");
+        let accept = [
+            MediaType::ImageManifest.to_string(),
+            MediaType::ImageIndex.to_string(),
+            DOCKER_MANIFEST.into(),
+            DOCKER_LIST.into(),
+        ]
+        .join(", ");
         let resp = self.send(r, "GET", &url, &[("Accept", &accept)], None)?;
         let ct = resp.header("Content-Type").unwrap_or("").to_string();
         let announced = resp.header("Docker-Content-Digest").map(str::to_string);
         let mut bytes = Vec::new();
-        resp.into_reader().take(MAX_JSON + 1).read_to_end(&mut bytes).map_err(|e| Error::Registry { url: url.clone(), msg: e.to_string() })?;
+        resp.into_reader()
+            .take(MAX_JSON + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| Error::Registry { url: url.clone(), msg: e.to_string() })?;
         if bytes.len() as u64 > MAX_JSON {
             return Err(Error::Registry { url, msg: "manifest larger than 8 MiB".into() });
         }
@@ -218,7 +267,8 @@ impl Client {
         } else if let Some(a) = announced {
             digest::verify(&format!("manifest {url} (Docker-Content-Digest)"), &digest::parse(&a, &url)?, &actual)?;
         }
-        let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| Error::Registry { url: url.clone(), msg: format!("manifest is not JSON: {e}") })?;
+        let v: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Registry { url: url.clone(), msg: format!("manifest is not JSON: {e}") })?;
         let mt = v.get("mediaType").and_then(|m| m.as_str()).map(str::to_string).unwrap_or(ct);
         if v.get("schemaVersion").and_then(|s| s.as_u64()) != Some(2) {
             return Err(Error::Registry { url, msg: "only schemaVersion 2 manifests are supported".into() });
@@ -232,7 +282,8 @@ impl Client {
             return Ok(());
         }
         let partial = store.root().join("tmp").join(format!("pull-{}.partial", digest::sha256_hex(d)?));
-        let mut f = OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&partial).at(&partial)?;
+        let mut f =
+            OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&partial).at(&partial)?;
         let mut have = f.metadata().at(&partial)?.len();
         if have > size {
             f.set_len(0).at(&partial)?;
@@ -268,7 +319,10 @@ impl Client {
                 h.update(&buf[..n]);
             })();
             store.progress().finish();
-            res.map_err(|e| Error::Registry { url: url.clone(), msg: format!("download interrupted ({e}); run the pull again to resume") })?;
+            res.map_err(|e| Error::Registry {
+                url: url.clone(),
+                msg: format!("download interrupted ({e}); run the pull again to resume"),
+            })?;
         }
         f.sync_all().at(&partial)?;
         let got = f.metadata().at(&partial)?.len();
@@ -287,7 +341,8 @@ impl Client {
         let _w = store.writer_lock()?;
         let (mut bytes, mut mt, mut d) = self.get_manifest(&r, &r.reference())?;
         if mt == MediaType::ImageIndex.to_string() || mt == DOCKER_LIST {
-            let idx: ImageIndex = serde_json::from_slice(&bytes).map_err(|e| Error::invalid(format!("index {d}"), e.to_string()))?;
+            let idx: ImageIndex =
+                serde_json::from_slice(&bytes).map_err(|e| Error::invalid(format!("index {d}"), e.to_string()))?;
             let pick = idx.manifests().iter().find(|m| is_linux_amd64(m)).ok_or_else(|| Error::Registry {
                 url: self.base(&r),
                 msg: format!("{reference} has no linux/amd64 image"),
@@ -298,7 +353,8 @@ impl Client {
         if mt != MediaType::ImageManifest.to_string() && mt != DOCKER_MANIFEST {
             return Err(Error::Registry { url: self.base(&r), msg: format!("unsupported manifest type {mt:?}") });
         }
-        let manifest: ImageManifest = serde_json::from_slice(&bytes).map_err(|e| Error::invalid(format!("manifest {d}"), e.to_string()))?;
+        let manifest: ImageManifest =
+            serde_json::from_slice(&bytes).map_err(|e| Error::invalid(format!("manifest {d}"), e.to_string()))?;
         let cfg = manifest.config();
         self.fetch_blob(store, &r, cfg.digest(), cfg.size())?;
         for l in manifest.layers() {
@@ -324,7 +380,8 @@ impl Client {
         let r = Reference::parse(reference)?;
         let _w = store.writer_lock()?;
         let img = store.resolve(image)?;
-        let mut blobs: Vec<(Digest, u64)> = vec![(img.manifest.config().digest().clone(), img.manifest.config().size())];
+        let mut blobs: Vec<(Digest, u64)> =
+            vec![(img.manifest.config().digest().clone(), img.manifest.config().size())];
         blobs.extend(store.layers_of(&img)?.into_iter().map(|l: LayerDesc| (l.digest, l.size)));
         let base = self.base(&r);
         for (d, size) in &blobs {
@@ -332,8 +389,11 @@ impl Client {
             if head.is_ok() {
                 continue;
             }
-            let start = self.send(&r, "POST", &format!("{base}/blobs/uploads/"), &[], Some(&mut || Ok(Body::Bytes(vec![]))))?;
-            let loc = start.header("Location").ok_or_else(|| Error::Registry { url: base.clone(), msg: "upload start without Location".into() })?;
+            let start =
+                self.send(&r, "POST", &format!("{base}/blobs/uploads/"), &[], Some(&mut || Ok(Body::Bytes(vec![]))))?;
+            let loc = start
+                .header("Location")
+                .ok_or_else(|| Error::Registry { url: base.clone(), msg: "upload start without Location".into() })?;
             let loc = if loc.starts_with('/') {
                 let origin: String = base.splitn(4, '/').take(3).collect::<Vec<_>>().join("/");
                 format!("{origin}{loc}")
@@ -344,10 +404,16 @@ impl Client {
             let url = format!("{loc}{sep}digest={d}");
             let path = store.blob_path(d)?;
             store.progress().start(&format!("push {}", crate::store::short(d)), Some(*size));
-            let res = self.send(&r, "PUT", &url, &[("Content-Type", "application/octet-stream")], Some(&mut || {
-                let f = File::open(&path).at(&path)?;
-                Ok(Body::File(Box::new(ProgressReader { inner: f, progress: store.progress() }), *size))
-            }));
+            let res = self.send(
+                &r,
+                "PUT",
+                &url,
+                &[("Content-Type", "application/octet-stream")],
+                Some(&mut || {
+                    let f = File::open(&path).at(&path)?;
+                    Ok(Body::File(Box::new(ProgressReader { inner: f, progress: store.progress() }), *size))
+                }),
+            );
             store.progress().finish();
             res?;
         }
@@ -357,7 +423,8 @@ impl Client {
             .and_then(|v| v.get("mediaType").and_then(|m| m.as_str()).map(str::to_string))
             .unwrap_or_else(|| MediaType::ImageManifest.to_string());
         let url = format!("{base}/manifests/{}", r.reference());
-        let resp = self.send(&r, "PUT", &url, &[("Content-Type", &mt)], Some(&mut || Ok(Body::Bytes(bytes.clone()))))?;
+        let resp =
+            self.send(&r, "PUT", &url, &[("Content-Type", &mt)], Some(&mut || Ok(Body::Bytes(bytes.clone()))))?;
         if let Some(a) = resp.header("Docker-Content-Digest") {
             digest::verify(&format!("pushed manifest {url}"), &img.digest, &digest::parse(a, &url)?)?;
         }

@@ -62,7 +62,10 @@ impl RootfsMount {
         for p in self.lower.iter().chain([&self.upper, &self.work]) {
             let s = p.to_string_lossy();
             if s.contains([',', ':', '\\']) || p.to_str().is_none() {
-                return Err(Error::invalid(p.display().to_string(), "overlayfs paths may not contain ',', ':' or '\\'; choose another store root"));
+                return Err(Error::invalid(
+                    p.display().to_string(),
+                    "overlayfs paths may not contain ',', ':' or '\\'; choose another store root",
+                ));
             }
         }
         let join = |v: Vec<String>| v.join(":");
@@ -93,8 +96,12 @@ impl RootfsMount {
         let mut fds = Vec::new();
         let opts = self.options(&mut fds)?;
         let data = CString::new(opts).map_err(|e| Error::invalid("overlay options", e.to_string()))?;
-        rustix::mount::mount("overlay", &self.merged, "overlay", MountFlags::empty(), Some(data.as_c_str()))
-            .map_err(|e| Error::Io { path: self.merged.clone(), source: std::io::Error::other(format!("mounting overlayfs ({} layers): {e}", self.lower.len())) })?;
+        rustix::mount::mount("overlay", &self.merged, "overlay", MountFlags::empty(), Some(data.as_c_str())).map_err(
+            |e| Error::Io {
+                path: self.merged.clone(),
+                source: std::io::Error::other(format!("mounting overlayfs ({} layers): {e}", self.lower.len())),
+            },
+        )?;
         drop(fds);
         Ok(())
     }
@@ -145,11 +152,17 @@ pub(crate) fn unmount_all_under(dir: &Path) {
 }
 
 fn check_id(id: &str) -> Result<()> {
-    let ok = !id.is_empty() && id.len() <= 128 && !id.starts_with('.') && id.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with('.')
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
     if ok {
         Ok(())
     } else {
-        Err(Error::invalid(format!("container id {id:?}"), "use 1 to 128 letters, digits, '_', '.', '-' (not starting with '.')"))
+        Err(Error::invalid(
+            format!("container id {id:?}"),
+            "use 1 to 128 letters, digits, '_', '.', '-' (not starting with '.')",
+        ))
     }
 }
 
@@ -181,7 +194,10 @@ impl Store {
         let img = self.resolve(image)?;
         let dir = self.root().join("containers").join(id);
         if dir.exists() {
-            return Err(Error::invalid(format!("container {id}"), format!("{} already exists; remove it first", dir.display())));
+            return Err(Error::invalid(
+                format!("container {id}"),
+                format!("{} already exists; remove it first", dir.display()),
+            ));
         }
         let (lower, diff_ids) = self.lower_dirs(&img)?;
         let mut m = RootfsMount::new(id, lower, &dir);

@@ -80,11 +80,14 @@ pub fn resolve_user(root: &impl AsFd, user: &str) -> Result<(u32, u32)> {
     }
     let (u, g) = user.split_once(':').map(|(u, g)| (u, Some(g))).unwrap_or((user, None));
     let passwd = read_in_root(root, "/etc/passwd");
-    let entry = passwd.lines().map(|l| l.split(':').collect::<Vec<_>>()).find(|f| f.len() > 3 && (f[0] == u || f[2] == u));
+    let entry =
+        passwd.lines().map(|l| l.split(':').collect::<Vec<_>>()).find(|f| f.len() > 3 && (f[0] == u || f[2] == u));
     let uid = match (u.parse::<u32>(), &entry) {
         (Ok(n), _) => n,
         (Err(_), Some(f)) => f[2].parse().map_err(|_| Error::invalid("/etc/passwd", format!("bad uid for {u}")))?,
-        (Err(_), None) => return Err(Error::invalid(format!("USER {user}"), format!("no user {u:?} in the image's /etc/passwd"))),
+        (Err(_), None) => {
+            return Err(Error::invalid(format!("USER {user}"), format!("no user {u:?} in the image's /etc/passwd")))
+        }
     };
     let gid = match g {
         None => entry.and_then(|f| f[3].parse().ok()).unwrap_or(0),
@@ -97,7 +100,9 @@ pub fn resolve_user(root: &impl AsFd, user: &str) -> Result<(u32, u32)> {
                     .map(|l| l.split(':').collect::<Vec<_>>())
                     .find(|f| f.len() > 2 && f[0] == g)
                     .and_then(|f| f[2].parse().ok())
-                    .ok_or_else(|| Error::invalid(format!("USER {user}"), format!("no group {g:?} in the image's /etc/group")))?
+                    .ok_or_else(|| {
+                        Error::invalid(format!("USER {user}"), format!("no group {g:?} in the image's /etc/group"))
+                    })?
             }
         },
     };
@@ -134,7 +139,8 @@ impl RunStep for ChrootRunner {
         if argv.is_empty() {
             return Err(fail("empty command".into()));
         }
-        let root = rustix::fs::open(rootfs, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).at(rootfs)?;
+        let root =
+            rustix::fs::open(rootfs, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).at(rootfs)?;
         let workdir = config.working_dir().clone().filter(|w| !w.is_empty()).unwrap_or_else(|| "/".into());
         mkdir_in_root(&root, &workdir).map_err(|e| fail(format!("creating WORKDIR {workdir}: {e}")))?;
         let (uid, gid) = resolve_user(&root, config.user().as_deref().unwrap_or(""))?;
@@ -146,7 +152,11 @@ impl RunStep for ChrootRunner {
         let candidates: Vec<String> = if argv[0].contains('/') {
             vec![argv[0].clone()]
         } else {
-            path_var.split(':').filter(|d| !d.is_empty()).map(|d| format!("{}/{}", d.trim_end_matches('/'), argv[0])).collect()
+            path_var
+                .split(':')
+                .filter(|d| !d.is_empty())
+                .map(|d| format!("{}/{}", d.trim_end_matches('/'), argv[0]))
+                .collect()
         };
         let sub = |name: &str| cstr(rootfs.join(name).as_os_str().as_bytes(), "rootfs path");
         let has_dev = real_dir(rootfs, "dev");
@@ -155,7 +165,10 @@ impl RunStep for ChrootRunner {
             proc_dir: if real_dir(rootfs, "proc") { Some(sub("proc")?) } else { None },
             dev_dir: if has_dev { Some(sub("dev")?) } else { None },
             devices: if has_dev {
-                DEVICES.iter().map(|d| Ok((cstr(format!("/dev/{d}"), "device")?, sub(&format!("dev/{d}"))?))).collect::<Result<_>>()?
+                DEVICES
+                    .iter()
+                    .map(|d| Ok((cstr(format!("/dev/{d}"), "device")?, sub(&format!("dev/{d}"))?)))
+                    .collect::<Result<_>>()?
             } else {
                 vec![]
             },
@@ -178,14 +191,18 @@ impl RunStep for ChrootRunner {
 
 /// Clones the child, waits for it and returns its exit status (128+N when killed by signal N).
 fn spawn(plan: &Plan) -> std::io::Result<i32> {
-    let ptrs = |v: &[CString]| -> Vec<*const libc::c_char> { v.iter().map(|c| c.as_ptr()).chain([std::ptr::null()]).collect() };
+    let ptrs = |v: &[CString]| -> Vec<*const libc::c_char> {
+        v.iter().map(|c| c.as_ptr()).chain([std::ptr::null()]).collect()
+    };
     let argv = ptrs(&plan.argv);
     let envp = ptrs(&plan.env);
     let flags = libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
     // SAFETY: raw clone without CLONE_VM and with a null stack behaves like fork: the child gets
     // a copy of the address space. The child only makes system calls on memory prepared above
     // (no allocation, no locks) and always ends in execve or _exit.
-    let pid = unsafe { libc::syscall(libc::SYS_clone, (flags | libc::SIGCHLD) as libc::c_ulong, 0usize, 0usize, 0usize, 0usize) };
+    let pid = unsafe {
+        libc::syscall(libc::SYS_clone, (flags | libc::SIGCHLD) as libc::c_ulong, 0usize, 0usize, 0usize, 0usize)
+    };
     if pid < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -224,12 +241,26 @@ unsafe fn child(plan: &Plan, argv: &[*const libc::c_char], envp: &[*const libc::
         die(c"isla build: making mounts private failed\n");
     }
     if let Some(p) = &plan.proc_dir {
-        if libc::mount(c"proc".as_ptr(), p.as_ptr(), c"proc".as_ptr(), libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, std::ptr::null()) != 0 {
+        if libc::mount(
+            c"proc".as_ptr(),
+            p.as_ptr(),
+            c"proc".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            std::ptr::null(),
+        ) != 0
+        {
             die(c"isla build: mounting /proc failed\n");
         }
     }
     if let Some(d) = &plan.dev_dir {
-        if libc::mount(c"tmpfs".as_ptr(), d.as_ptr(), c"tmpfs".as_ptr(), libc::MS_NOSUID | libc::MS_NOEXEC, c"mode=755".as_ptr().cast()) != 0 {
+        if libc::mount(
+            c"tmpfs".as_ptr(),
+            d.as_ptr(),
+            c"tmpfs".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NOEXEC,
+            c"mode=755".as_ptr().cast(),
+        ) != 0
+        {
             die(c"isla build: mounting /dev failed\n");
         }
         for (src, dst) in &plan.devices {

@@ -26,9 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use flate2::write::GzEncoder;
-use oci_spec::image::{
-    Descriptor, Digest, ImageConfiguration, ImageIndex, ImageManifest, MediaType, OciLayout,
-};
+use oci_spec::image::{Descriptor, Digest, ImageConfiguration, ImageIndex, ImageManifest, MediaType, OciLayout};
 use serde::{Deserialize, Serialize};
 
 use crate::digest::{self, HashingWriter};
@@ -254,7 +252,8 @@ impl Store {
     pub(crate) fn lock(&self, name: &str, exclusive: bool) -> Result<Lock> {
         let path = self.root.join(name);
         let f = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).at(&path)?;
-        let op = if exclusive { rustix::fs::FlockOperation::LockExclusive } else { rustix::fs::FlockOperation::LockShared };
+        let op =
+            if exclusive { rustix::fs::FlockOperation::LockExclusive } else { rustix::fs::FlockOperation::LockShared };
         rustix::fs::flock(&f, op).at(&path)?;
         Ok(Lock(f))
     }
@@ -295,7 +294,9 @@ impl Store {
     pub fn open_blob(&self, d: &Digest) -> Result<File> {
         let p = self.blob_path(d)?;
         File::open(&p).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => Error::invalid(d.to_string(), "blob is missing from the store (run `isla image fsck`)"),
+            io::ErrorKind::NotFound => {
+                Error::invalid(d.to_string(), "blob is missing from the store (run `isla image fsck`)")
+            }
             _ => Error::Io { path: p.clone(), source: e },
         })
     }
@@ -322,7 +323,13 @@ impl Store {
 
     /// Streams `r` into the store. With `expected`, content that hashes differently is refused
     /// and nothing is kept. `what` names the content in errors and progress.
-    pub fn put_blob(&self, r: impl Read, expected: Option<&Digest>, what: &str, total: Option<u64>) -> Result<(Digest, u64)> {
+    pub fn put_blob(
+        &self,
+        r: impl Read,
+        expected: Option<&Digest>,
+        what: &str,
+        total: Option<u64>,
+    ) -> Result<(Digest, u64)> {
         if let Some(d) = expected {
             if self.has_blob(d) {
                 return Ok((d.clone(), fs::metadata(self.blob_path(d)?).at(&self.root)?.len()));
@@ -395,7 +402,7 @@ impl Store {
         let total = blob.metadata().ok().map(|m| m.len());
         self.progress.start(&format!("unpack {}", short(&l.digest)), total);
         let r = ProgressReader { inner: blob, progress: self.progress() };
-        let res = layer::unpack(r, &tmp.path, &l.digest.to_string());
+        let res = layer::unpack(r, &tmp.path, l.digest.as_ref());
         self.progress.finish();
         let (diff_id, _) = res?;
         digest::verify(&format!("layer {} (diff_id)", l.digest), &l.diff_id, &diff_id)?;
@@ -439,7 +446,8 @@ impl Store {
     pub(crate) fn read_index(&self) -> Result<ImageIndex> {
         let p = self.root.join("index.json");
         let bytes = read_limited(&p, MAX_JSON)?;
-        serde_json::from_slice(&bytes).map_err(|e| Error::invalid(p.display().to_string(), format!("not an OCI index: {e}")))
+        serde_json::from_slice(&bytes)
+            .map_err(|e| Error::invalid(p.display().to_string(), format!("not an OCI index: {e}")))
     }
 
     fn write_index(&self, idx: &ImageIndex) -> Result<()> {
@@ -480,7 +488,12 @@ impl Store {
     }
 
     /// Stores a configuration and manifest for `layers` and names it. Returns the manifest digest.
-    pub fn commit_image(&self, config: &ImageConfiguration, layers: &[LayerDesc], name: Option<&str>) -> Result<Digest> {
+    pub fn commit_image(
+        &self,
+        config: &ImageConfiguration,
+        layers: &[LayerDesc],
+        name: Option<&str>,
+    ) -> Result<Digest> {
         let cbytes = serde_json::to_vec(config).map_err(|e| Error::invalid("image configuration", e.to_string()))?;
         let cd = self.put_blob_bytes(&cbytes)?;
         let desc = self.put_manifest(&cd, cbytes.len() as u64, layers)?;
@@ -494,8 +507,9 @@ impl Store {
         let manifest: ImageManifest = serde_json::from_slice(&mbytes)
             .map_err(|e| Error::invalid(format!("manifest {d}"), format!("not an image manifest: {e}")))?;
         let cbytes = self.read_blob(manifest.config().digest())?;
-        let config: ImageConfiguration = serde_json::from_slice(&cbytes)
-            .map_err(|e| Error::invalid(format!("config {}", manifest.config().digest()), format!("not an image configuration: {e}")))?;
+        let config: ImageConfiguration = serde_json::from_slice(&cbytes).map_err(|e| {
+            Error::invalid(format!("config {}", manifest.config().digest()), format!("not an image configuration: {e}"))
+        })?;
         let size = manifest.config().size() + manifest.layers().iter().map(|l| l.size()).sum::<u64>();
         Ok(Image { names, digest: d.clone(), manifest, config, size })
     }
@@ -709,8 +723,10 @@ impl Store {
 }
 
 fn empty_index() -> ImageIndex {
-    serde_json::from_value(serde_json::json!({"schemaVersion": 2, "mediaType": MediaType::ImageIndex.to_string(), "manifests": []}))
-        .unwrap_or_default()
+    serde_json::from_value(
+        serde_json::json!({"schemaVersion": 2, "mediaType": MediaType::ImageIndex.to_string(), "manifests": []}),
+    )
+    .unwrap_or_default()
 }
 
 /// The name annotation of an index entry.

@@ -85,7 +85,8 @@ fn push_pull_index_and_resume_against_a_real_registry() {
     let id = src.put_blob_bytes(&ibytes).expect("index blob");
     src.tag(Some("multi:1"), &Descriptor::new(MediaType::ImageIndex, ibytes.len() as u64, id)).expect("tag index");
     let url = format!("http://{}/v2/isla/busybox/manifests/multi", reg.addr);
-    let resp = ureq::put(&url).set("Content-Type", &MediaType::ImageIndex.to_string()).send_bytes(&ibytes).expect("put index");
+    let resp =
+        ureq::put(&url).set("Content-Type", MediaType::ImageIndex.as_ref()).send_bytes(&ibytes).expect("put index");
     assert_eq!(resp.status(), 201);
     let (_d4, dst2) = store();
     let got = client.pull(&dst2, &format!("{}/isla/busybox:multi", reg.addr), Some("picked")).expect("pull index");

@@ -80,7 +80,13 @@ fn whiteouts_round_trip_between_oci_and_overlay_forms() {
     let dir = tempfile::tempdir().expect("tempdir");
     let dest = dir.path().join("layer");
     fs::create_dir(&dest).expect("mkdir");
-    let t = tar_of(&[("d/", Directory, ""), ("d/.wh..wh..opq", Regular, ""), ("d/keep", Regular, "k"), (".wh.gone", Regular, ""), ("abs", Symlink, "/bin/busybox")]);
+    let t = tar_of(&[
+        ("d/", Directory, ""),
+        ("d/.wh..wh..opq", Regular, ""),
+        ("d/keep", Regular, "k"),
+        (".wh.gone", Regular, ""),
+        ("abs", Symlink, "/bin/busybox"),
+    ]);
     layer::unpack(&t[..], &dest, "test").expect("unpack");
     let gone = fs::symlink_metadata(dest.join("gone")).expect("whiteout");
     assert!(gone.file_type().is_char_device() && gone.rdev() == 0);
@@ -92,7 +98,11 @@ fn whiteouts_round_trip_between_oci_and_overlay_forms() {
     // Back to OCI form.
     let mut out = Vec::new();
     layer::write_dir(&dest, &mut out, WriteOptions { overlay: true, mtime: Some(0) }).expect("write");
-    let mut names: Vec<String> = tar::Archive::new(&out[..]).entries().expect("entries").map(|e| e.expect("entry").path().expect("path").display().to_string()).collect();
+    let mut names: Vec<String> = tar::Archive::new(&out[..])
+        .entries()
+        .expect("entries")
+        .map(|e| e.expect("entry").path().expect("path").display().to_string())
+        .collect();
     names.sort();
     assert_eq!(names, [".wh.gone", "abs", "d/", "d/.wh..wh..opq", "d/keep"]);
 }
@@ -121,7 +131,13 @@ fn busybox_image_is_reproducible_and_runs_a_build() {
         ENTRYPOINT [\"/bin/sh\", \"-c\"]\n\
         CMD [\"cat /f\"]\n";
     let runner = ChrootRunner;
-    let builder = Builder { store: &s1, context: ctx.path().to_path_buf(), file: "Containerfile".into(), runner: &runner, verbose: false };
+    let builder = Builder {
+        store: &s1,
+        context: ctx.path().to_path_buf(),
+        file: "Containerfile".into(),
+        runner: &runner,
+        verbose: false,
+    };
     let r1 = builder.build(file, Some("test/app:1")).expect("build");
     assert_eq!((r1.cached, r1.executed), (0, 3));
     let r2 = builder.build(file, Some("test/app:2")).expect("rebuild");
@@ -197,7 +213,9 @@ fn docker_archive_with_escaping_layer_is_refused() {
     let cbytes = serde_json::to_vec(&config).expect("json");
     let manifest = serde_json::json!([{"Config": "c.json", "RepoTags": ["evil:1"], "Layers": ["l/layer.tar"]}]);
     let mut b = tar::Builder::new(Vec::new());
-    for (name, data) in [("c.json", cbytes), ("l/layer.tar", layer), ("manifest.json", serde_json::to_vec(&manifest).expect("json"))] {
+    for (name, data) in
+        [("c.json", cbytes), ("l/layer.tar", layer), ("manifest.json", serde_json::to_vec(&manifest).expect("json"))]
+    {
         let mut h = tar::Header::new_gnu();
         h.set_size(data.len() as u64);
         h.set_mode(0o644);
@@ -226,7 +244,8 @@ fn many_layers_mount() {
                 let data = format!("{i}");
                 h.set_size(data.len() as u64);
                 h.set_mode(0o644);
-                b.append_data(&mut h, format!("f{i}"), data.as_bytes()).map_err(|e| Error::invalid("tar", e.to_string()))?;
+                b.append_data(&mut h, format!("f{i}"), data.as_bytes())
+                    .map_err(|e| Error::invalid("tar", e.to_string()))?;
                 b.into_inner().map(|_| ()).map_err(|e| Error::invalid("tar", e.to_string()))
             })
             .expect("layer");
