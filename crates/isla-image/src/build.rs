@@ -257,13 +257,7 @@ impl Builder<'_> {
             .map_err(|e| self.err(ins.line, e.to_string()))?;
             return Ok(State { layers: vec![], config, key: hash_parts(&[b"scratch"]) });
         }
-        let img = match self.store.resolve(base) {
-            Err(Error::NotFound(_)) if crate::busybox::is_busybox_name(base) => {
-                let d = crate::busybox::busybox_image(self.store, None)?;
-                self.store.load_image(&d, vec![])?
-            }
-            r => r.map_err(|e| self.err(ins.line, e.to_string()))?,
-        };
+        let img = crate::busybox::resolve_or_make(self.store, base).map_err(|e| self.err(ins.line, e.to_string()))?;
         let layers = self.store.layers_of(&img)?;
         Ok(State { layers, config: img.config.clone(), key: hash_parts(&[b"from", img.digest.to_string().as_bytes()]) })
     }

@@ -13,7 +13,7 @@ use tar::{EntryType, Header};
 
 use crate::error::{Error, IoContext, Result};
 use crate::layer::{self, WriteOptions};
-use crate::store::Store;
+use crate::store::{Image, Store};
 
 /// Where Debian's busybox-static puts the binary.
 pub const HOST_BUSYBOX: &str = "/bin/busybox";
@@ -114,6 +114,18 @@ pub fn busybox_image(store: &Store, name: Option<&str>) -> Result<Digest> {
     let mut cfg = config(&["/bin/sh"])?;
     cfg.rootfs_mut().diff_ids_mut().push(l.diff_id.to_string());
     store.commit_image(&cfg, &[l], Some(name.unwrap_or(BUSYBOX_NAME)))
+}
+
+/// Resolves `name`; "busybox" is made from the host's busybox-static when the store lacks it
+/// (so `isla run busybox ...` works on a fresh machine without a network).
+pub fn resolve_or_make(store: &Store, name: &str) -> Result<Image> {
+    match store.resolve(name) {
+        Err(Error::NotFound(_)) if is_busybox_name(name) => {
+            let d = busybox_image(store, None)?;
+            store.load_image(&d, vec![BUSYBOX_NAME.to_string()])
+        }
+        r => r,
+    }
 }
 
 /// Makes a single-layer image of directory `dir`. With `reproducible`, every time stamp is 0.

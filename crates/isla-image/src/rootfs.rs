@@ -191,7 +191,7 @@ impl Store {
     pub fn prepare_rootfs(&self, image: &str, id: &str) -> Result<RootfsMount> {
         check_id(id)?;
         let _w = self.writer_lock()?;
-        let img = self.resolve(image)?;
+        let img = crate::busybox::resolve_or_make(self, image)?;
         let dir = self.root().join("containers").join(id);
         if dir.exists() {
             return Err(Error::invalid(
