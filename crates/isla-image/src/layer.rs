@@ -350,7 +350,7 @@ fn walk(
             b.append_data(&mut h, format!("{rel}{WH_PREFIX}{name}"), io::empty()).at(&path)?;
             continue;
         }
-        let xattrs = xattrs(&path, opts.overlay)?;
+        let xattrs = xattrs(&path)?;
         if !xattrs.is_empty() {
             b.append_pax_extensions(xattrs.iter().map(|(k, v)| (k.as_str(), v.as_slice()))).at(&path)?;
         }
@@ -417,7 +417,7 @@ fn is_opaque(path: &Path) -> bool {
 }
 
 /// Extended attributes worth archiving: everything but overlayfs' own and SELinux labels.
-fn xattrs(path: &Path, _overlay: bool) -> Result<Vec<(String, Vec<u8>)>> {
+fn xattrs(path: &Path) -> Result<Vec<(String, Vec<u8>)>> {
     let mut names = vec![0u8; 4096];
     let n = match rustix::fs::llistxattr(path, &mut names[..]) {
         Ok(n) => n,

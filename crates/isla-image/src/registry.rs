@@ -449,3 +449,36 @@ impl Write for HashWrite<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_parse() {
+        let r = Reference::parse("busybox").expect("parse");
+        assert_eq!(
+            (r.registry.as_str(), r.repository.as_str(), r.tag.as_str()),
+            ("docker.io", "library/busybox", "latest")
+        );
+        assert_eq!(r.local_name(), "busybox:latest");
+        let r = Reference::parse("127.0.0.1:5000/team/app:1").expect("parse");
+        assert_eq!((r.registry.as_str(), r.repository.as_str(), r.tag.as_str()), ("127.0.0.1:5000", "team/app", "1"));
+        assert_eq!(r.local_name(), "127.0.0.1:5000/team/app:1");
+        assert!(Reference::parse("Bad Name").is_err());
+        assert!(Reference::parse("x@sha256:zz").is_err());
+    }
+
+    #[test]
+    fn challenges_parse() {
+        let (s, p) = parse_challenge(
+            r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push""#,
+        );
+        assert_eq!(s, "bearer");
+        assert_eq!(p.get("realm").map(String::as_str), Some("https://auth.example/token"));
+        assert_eq!(p.get("service").map(String::as_str), Some("registry.example"));
+        assert_eq!(p.get("scope").map(String::as_str), Some("repository:a/b:pull,push"));
+        let (s, p) = parse_challenge(r#"Basic realm="basic-realm""#);
+        assert_eq!((s.as_str(), p.get("realm").map(String::as_str)), ("basic", Some("basic-realm")));
+    }
+}

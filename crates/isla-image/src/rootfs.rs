@@ -124,7 +124,7 @@ impl RootfsMount {
     }
 }
 
-/// Whether `p` is a mount point (its device differs from its parent's, or /proc says so).
+/// Whether `p` is a mount point (listed in /proc/self/mountinfo).
 pub fn is_mount_point(p: &Path) -> bool {
     let Ok(canon) = p.canonicalize() else { return false };
     let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else { return false };
