@@ -3,6 +3,7 @@
 
 mod bench;
 mod disk;
+mod image;
 mod kit;
 mod peer;
 
@@ -32,6 +33,10 @@ enum Cmd {
     /// Disk images (raw, qcow2) with qemu-img's conventions.
     #[command(subcommand)]
     Disk(disk::DiskCmd),
+    /// Container images: store, import/export, registry, build.
+    Image(image::ImageArgs),
+    /// Build an image from a Containerfile (same as `isla image build`).
+    Build(image::BuildArgs),
 }
 
 #[derive(Subcommand)]
@@ -173,6 +178,8 @@ fn main() -> ExitCode {
             0
         }),
         Cmd::Disk(d) => disk::run(d),
+        Cmd::Image(a) => image::run(a).map(|()| 0),
+        Cmd::Build(a) => image::build(a).map(|()| 0),
     };
     match result {
         Ok(code) => ExitCode::from(code as u8),
