@@ -6,6 +6,7 @@ mod disk;
 mod image;
 mod kit;
 mod peer;
+mod vmexec;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -48,6 +49,8 @@ enum VmCmd {
     Run(RunArgs),
     /// Measure microVM boot time and monitor memory (several runs, median and spread).
     Bench(bench::BenchArgs),
+    /// Run a command in a running microVM through its agent (the VM needs a vsock device).
+    Exec(vmexec::ExecArgs),
 }
 
 #[derive(Subcommand)]
@@ -168,6 +171,7 @@ fn main() -> ExitCode {
         Cmd::Vm(v) => match v.as_ref() {
             VmCmd::Run(a) => vm_run(a),
             VmCmd::Bench(a) => bench::run(a).map(|()| 0),
+            VmCmd::Exec(a) => vmexec::run(a),
         },
         Cmd::Guest(GuestCmd::Build) => kit::build().map(|k| {
             k.print();
