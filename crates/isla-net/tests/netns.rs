@@ -1,0 +1,339 @@
+//! End-to-end tests of isla networks. Every link, rule and packet lives in network namespaces the
+//! test creates: a "host" namespace (where the bridges and nftables rules go, entered by the
+//! test thread through `in_netns`), "instance" namespaces attached by veth, and an "outside"
+//! namespace standing for the world beyond the host. Nothing touches the machine's own namespace.
+//! Needs root, `ip` (iproute2), `nft` (nftables) and busybox.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use isla_net::{in_netns, Driver, Error, NetworkSpec, Networks, PortSpec, Proto};
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A named network namespace (`ip netns add`), deleted on drop with everything in it.
+struct Netns {
+    name: String,
+    path: PathBuf,
+}
+
+impl Netns {
+    fn new(tag: &str) -> Self {
+        let name = format!("islat{}-{}-{tag}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+        sh(&["ip", "netns", "add", &name]);
+        sh(&["ip", "-n", &name, "link", "set", "lo", "up"]);
+        Netns { path: Path::new("/run/netns").join(&name), name }
+    }
+    fn ip(&self, args: &[&str]) -> String {
+        let mut a = vec!["ip", "-n", &self.name];
+        a.extend_from_slice(args);
+        sh(&a)
+    }
+    fn exec(&self, args: &[&str]) -> std::process::Output {
+        let mut a = vec!["netns", "exec", &self.name];
+        a.extend_from_slice(args);
+        Command::new("ip").args(&a).output().expect("ip netns exec")
+    }
+    /// `isla-` links of this namespace.
+    fn isla_links(&self) -> Vec<String> {
+        self.ip(&["-o", "link"])
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            .filter(|n| n.starts_with("isla-"))
+            .collect()
+    }
+    fn nft_tables(&self) -> String {
+        String::from_utf8_lossy(&self.exec(&["nft", "list", "tables"]).stdout).into_owned()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// Links `a` (as `a_if`, address `a_ip`) and `b` (as `b_if`, `b_ip`) with a veth pair.
+fn wire(a: &Netns, a_if: &str, a_ip: &str, b: &Netns, b_if: &str, b_ip: &str) {
+    a.ip(&["link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", &b.name]);
+    a.ip(&["addr", "add", a_ip, "dev", a_if]);
+    a.ip(&["link", "set", a_if, "up"]);
+    if !b_ip.is_empty() {
+        b.ip(&["addr", "add", b_ip, "dev", b_if]);
+    }
+    b.ip(&["link", "set", b_if, "up"]);
+}
+
+/// A TCP server in `ns` on `port` that answers each connection with the client's address, for
+/// `count` connections.
+fn peer_echo(ns: &Netns, port: u16, count: usize) -> JoinHandle<()> {
+    let l = in_netns(&ns.path, || TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))).unwrap().unwrap();
+    std::thread::spawn(move || {
+        for _ in 0..count {
+            let Ok((mut s, peer)) = l.accept() else { return };
+            let _ = s.write_all(peer.ip().to_string().as_bytes());
+        }
+    })
+}
+
+/// Connects to `addr` and returns what the server says (the address it saw us come from).
+fn ask(addr: SocketAddr) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+fn ping(ns: &Netns, ip: &str) -> bool {
+    ns.exec(&["busybox", "ping", "-c", "1", "-W", "2", ip]).status.success()
+}
+
+fn dns_query(ns: &Netns, server: Ipv4Addr, name: &str) -> (u8, Option<Ipv4Addr>) {
+    in_netns(&ns.path, || {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s.send_to(&isla_net::dns::query(42, name, isla_net::dns::TYPE_A), (server, 53)).unwrap();
+        let mut buf = [0u8; 512];
+        let n = s.recv(&mut buf).unwrap();
+        isla_net::dns::parse_response(42, &buf[..n]).expect("a DNS response")
+    })
+    .unwrap()
+}
+
+#[test]
+fn nat_network_end_to_end() {
+    let (host, web, web2, outside) = (Netns::new("host"), Netns::new("web"), Netns::new("web2"), Netns::new("out"));
+    let root = tempfile::tempdir().unwrap();
+    // The host's uplink to "the outside" (documentation addresses, inside the test namespaces).
+    wire(&host, "uplink", "198.51.100.1/24", &outside, "eth0", "198.51.100.2/24");
+
+    in_netns(&host.path, || {
+        let nets = Networks::open(root.path()).unwrap();
+        let net = nets.create(&NetworkSpec::new("front", Driver::Nat)).unwrap();
+        assert_eq!(net.subnet.to_string(), "10.88.0.0/24");
+        assert_eq!(net.gateway, Some(Ipv4Addr::new(10, 88, 0, 1)));
+
+        // Name clash: a clear error and nothing new on the host.
+        let links_before = host.isla_links();
+        let e = nets.create(&NetworkSpec::new("front", Driver::HostOnly)).unwrap_err();
+        assert!(matches!(e, Error::NetworkExists(_)), "{e}");
+        assert_eq!(e.to_string(), "network `front` already exists; choose another name or remove it with `isla network rm front`");
+        assert_eq!(host.isla_links(), links_before);
+
+        let a1 = nets.attach_veth("front", "c-web", &web.path, "eth0", Some("web")).unwrap();
+        let a2 = nets.attach_veth("front", "c-web2", &web2.path, "eth0", Some("web2")).unwrap();
+        assert_eq!((a1.ip, a2.ip), (Ipv4Addr::new(10, 88, 0, 2), Ipv4Addr::new(10, 88, 0, 3)));
+        assert!(web.ip(&["-o", "addr", "show", "eth0"]).contains("10.88.0.2/24"));
+        assert!(web.ip(&["link", "show", "eth0"]).contains(&a1.mac));
+        assert!(web.ip(&["route"]).contains("default via 10.88.0.1 dev eth0"));
+        assert!(ping(&web, "10.88.0.3"), "instance to instance");
+        assert!(ping(&web2, "10.88.0.1"), "instance to gateway");
+
+        // A microVM's TAP on the same switch.
+        let t = nets.attach_tap("front", "vm-1", Some("vm1")).unwrap();
+        assert_eq!(t.ip, Ipv4Addr::new(10, 88, 0, 4));
+        let tap_line = host.ip(&["-d", "link", "show", &t.host_ifname]);
+        assert!(tap_line.contains(&format!("master {}", net.bridge)), "{tap_line}");
+        assert!(tap_line.contains("tun type tap"), "{tap_line}");
+
+        // A published port: from outside, through the host's address, and through 127.0.0.1.
+        let server = peer_echo(&web, 80, 4);
+        let p = nets
+            .publish("front", "c-web", PortSpec { host_ip: Ipv4Addr::UNSPECIFIED, host_port: 8080, container_port: 80, proto: Proto::Tcp })
+            .unwrap();
+        assert_eq!(p.instance_ip, a1.ip);
+        let from_outside = in_netns(&outside.path, || ask("198.51.100.1:8080".parse().unwrap())).unwrap().unwrap();
+        assert_eq!(from_outside, "198.51.100.2", "DNAT keeps the client's address");
+        assert_eq!(ask("198.51.100.1:8080".parse().unwrap()).unwrap(), "198.51.100.1");
+        assert_eq!(ask("127.0.0.1:8080".parse().unwrap()).unwrap(), "10.88.0.1", "loopback, masqueraded to the bridge");
+        // Hairpin: an instance through the host's published port.
+        let hairpin = in_netns(&web2.path, || ask("198.51.100.1:8080".parse().unwrap())).unwrap().unwrap();
+        assert_eq!(hairpin, "10.88.0.1");
+        server.join().unwrap();
+
+        // Busy ports: held by a host process, or published already.
+        let holder = TcpListener::bind("0.0.0.0:8081").unwrap();
+        let port = PortSpec { host_ip: Ipv4Addr::UNSPECIFIED, host_port: 8081, container_port: 80, proto: Proto::Tcp };
+        let e = nets.publish("front", "c-web2", port).unwrap_err();
+        assert!(e.to_string().starts_with("port 8081/tcp on 0.0.0.0 is already in use"), "{e}");
+        drop(holder);
+        let again = PortSpec { host_ip: Ipv4Addr::LOCALHOST, host_port: 8080, ..port };
+        let e = nets.publish("front", "c-web2", again).unwrap_err();
+        assert!(e.to_string().contains("published for instance `c-web` on network `front`"), "{e}");
+        // UDP is a separate space.
+        nets.publish("front", "c-web2", PortSpec { proto: Proto::Udp, host_port: 8080, ..port }).unwrap();
+
+        // Masquerade: the outside sees the host's address.
+        let far = peer_echo(&outside, 9000, 1);
+        let seen = in_netns(&web.path, || ask("198.51.100.2:9000".parse().unwrap())).unwrap().unwrap();
+        assert_eq!(seen, "198.51.100.1");
+        far.join().unwrap();
+
+        // DNS: instance names, from inside the instances.
+        let dns = nets.serve_dns("front").unwrap();
+        assert_eq!(dns_query(&web, a1.gateway.unwrap(), "web2"), (0, Some(a2.ip)));
+        assert_eq!(dns_query(&web2, a1.gateway.unwrap(), "vm1.front."), (0, Some(t.ip)));
+        assert_eq!(dns_query(&web2, a1.gateway.unwrap(), "example.org").0, isla_net::dns::RCODE_REFUSED);
+        let out = web.exec(&["busybox", "nslookup", "web2", "10.88.0.1"]);
+        assert!(String::from_utf8_lossy(&out.stdout).contains("10.88.0.3"), "{out:?}");
+        drop(dns);
+        let hosts = nets.hosts_file("front", "c-web").unwrap();
+        assert!(hosts.contains("10.88.0.2\tweb web.front\n") && hosts.contains("10.88.0.3\tweb2 web2.front\n"), "{hosts}");
+        assert_eq!(nets.resolv_conf("front").unwrap(), "nameserver 10.88.0.1\nsearch front\n");
+
+        // Rules are per network, and go away with it.
+        let rules = isla_net::nft::list_rules().unwrap();
+        assert!(rules.contains(&format!("chain pre-{}", net.short_id())), "{rules}");
+        assert!(rules.contains("dnat to 10.88.0.2:80"), "{rules}");
+        let e = nets.remove("front", false).unwrap_err();
+        assert!(e.to_string().contains("has attached instances (c-web, c-web2, vm-1)"), "{e}");
+        nets.detach("front", "c-web").unwrap();
+        assert!(!isla_net::nft::list_rules().unwrap().contains("10.88.0.2:80"));
+        assert!(web.ip(&["-o", "link"]).lines().all(|l| !l.contains("eth0")), "the veth left the instance");
+        nets.remove("front", true).unwrap();
+        assert!(nets.list().unwrap().is_empty());
+    })
+    .unwrap();
+    assert_eq!(host.isla_links(), Vec::<String>::new());
+    assert!(!host.nft_tables().contains("isla"), "{}", host.nft_tables());
+}
+
+#[test]
+fn host_only_and_bridge_drivers() {
+    let (host, inst, lan) = (Netns::new("host"), Netns::new("inst"), Netns::new("lan"));
+    let root = tempfile::tempdir().unwrap();
+    wire(&host, "uplink", "198.51.100.1/24", &lan, "eth0", "198.51.100.2/24");
+    // A second host interface for the bridge driver's parent; its far end is a LAN machine.
+    host.ip(&["link", "add", "lan0", "type", "veth", "peer", "name", "eth1", "netns", &lan.name]);
+    host.ip(&["link", "set", "lan0", "up"]);
+    lan.ip(&["addr", "add", "203.0.113.100/24", "dev", "eth1"]);
+    lan.ip(&["link", "set", "eth1", "up"]);
+
+    in_netns(&host.path, || {
+        let nets = Networks::open(root.path()).unwrap();
+        // host-only: the host and the instance see each other; nothing goes beyond.
+        let mut spec = NetworkSpec::new("private", Driver::HostOnly);
+        spec.subnet = Some("10.99.0.0/24".parse().unwrap());
+        let net = nets.create(&spec).unwrap();
+        nets.attach_veth("private", "i1", &inst.path, "eth0", None).unwrap();
+        assert!(ping(&inst, "10.99.0.1"));
+        let far = in_netns(&lan.path, || TcpListener::bind("0.0.0.0:9000")).unwrap().unwrap();
+        let r = in_netns(&inst.path, || TcpStream::connect_timeout(&"198.51.100.2:9000".parse().unwrap(), Duration::from_secs(1)))
+            .unwrap();
+        assert!(r.is_err(), "host-only must not forward out");
+        drop(far);
+        let rules = isla_net::nft::list_rules().unwrap();
+        assert!(!rules.contains("masquerade"), "{rules}");
+        // An overlapping subnet is refused, naming what it overlaps.
+        let mut clash = NetworkSpec::new("other", Driver::Nat);
+        clash.subnet = Some("10.99.0.0/16".parse().unwrap());
+        let e = nets.create(&clash).unwrap_err();
+        assert_eq!(e.to_string(), "subnet 10.99.0.0/16 overlaps network `private`; choose another --subnet");
+        clash.subnet = Some("198.51.100.0/25".parse().unwrap());
+        let e = nets.create(&clash).unwrap_err();
+        assert!(e.to_string().contains("overlaps the host route to 198.51.100.0/24"), "{e}");
+        // The default pool skips subnets the host routes.
+        host.ip(&["route", "add", "10.88.0.0/24", "dev", "uplink"]);
+        assert_eq!(nets.create(&NetworkSpec::new("auto", Driver::Nat)).unwrap().subnet.to_string(), "10.88.1.0/24");
+        nets.remove("auto", false).unwrap();
+        nets.detach("private", "i1").unwrap();
+        nets.remove(&net.name, false).unwrap();
+
+        // bridge: the parent is enslaved, the instance sits on its LAN.
+        let mut spec = NetworkSpec::new("lan", Driver::Bridge);
+        spec.parent = Some("lan0".into());
+        let e = nets.create(&spec).unwrap_err();
+        assert!(e.to_string().contains("needs --subnet"), "{e}");
+        spec.subnet = Some("203.0.113.0/24".parse().unwrap());
+        let net = nets.create(&spec).unwrap();
+        assert!(host.ip(&["link", "show", "lan0"]).contains(&format!("master {}", net.bridge)));
+        let a = nets.attach_veth("lan", "i2", &inst.path, "eth0", None).unwrap();
+        assert_eq!((a.ip, a.gateway), (Ipv4Addr::new(203, 0, 113, 2), None));
+        assert!(ping(&inst, "203.0.113.100"), "instance to a LAN machine through the parent");
+        let e = nets.publish("lan", "i2", "8080:80".parse().unwrap()).unwrap_err();
+        assert!(e.to_string().contains("ports are not published"), "{e}");
+        nets.remove("lan", true).unwrap();
+        let parent = host.ip(&["link", "show", "lan0"]);
+        assert!(!parent.contains("master"), "parent released: {parent}");
+    })
+    .unwrap();
+    assert_eq!(host.isla_links(), Vec::<String>::new());
+    assert!(!host.nft_tables().contains("isla"));
+}
+
+#[test]
+fn failures_leave_nothing_half_created() {
+    let (host, inst) = (Netns::new("host"), Netns::new("inst"));
+    let root = tempfile::tempdir().unwrap();
+    in_netns(&host.path, || {
+        let nets = Networks::open(root.path()).unwrap();
+        for (subnet, want) in [
+            ("10.1.2.5/24", "not a network address; did you mean 10.1.2.0/24?"),
+            ("10.1.2.0/30", "the prefix length must be 8 to 29"),
+        ] {
+            let mut s = NetworkSpec::new("bad", Driver::Nat);
+            s.subnet = Some(subnet.parse().unwrap());
+            let e = nets.create(&s).unwrap_err();
+            assert!(e.to_string().contains(want), "{e}");
+        }
+        let mut s = NetworkSpec::new("bad", Driver::Nat);
+        s.gateway = Some(Ipv4Addr::new(10, 77, 0, 1));
+        assert!(nets.create(&s).unwrap_err().to_string().contains("is not a host address of 10.88.0.0/24"));
+        assert!(nets.create(&NetworkSpec::new("no/slash", Driver::Nat)).is_err());
+        let mut s = NetworkSpec::new("bad", Driver::Bridge);
+        s.subnet = Some("10.5.0.0/24".parse().unwrap());
+        s.parent = Some("nosuch0".into());
+        assert_eq!(nets.create(&s).unwrap_err().to_string(), "network interface `nosuch0` does not exist");
+        assert_eq!(host.isla_links(), Vec::<String>::new());
+        assert!(nets.list().unwrap().is_empty());
+
+        nets.create(&NetworkSpec::new("n", Driver::Nat)).unwrap();
+        let links = host.isla_links();
+        // A namespace that does not exist, and an interface name taken inside the namespace:
+        // errors, and no veth left on either side.
+        let e = nets.attach_veth("n", "c1", Path::new("/run/netns/isla-no-such-ns"), "eth0", None).unwrap_err();
+        assert!(e.to_string().starts_with("network namespace /run/netns/isla-no-such-ns"), "{e}");
+        let e = nets.attach_veth("n", "c1", &inst.path, "lo", None).unwrap_err();
+        assert!(e.to_string().contains("`lo (in /run/netns/"), "{e}");
+        assert_eq!(host.isla_links(), links);
+        assert!(!inst.ip(&["-o", "link"]).contains("isla-"), "{}", inst.ip(&["-o", "link"]));
+        assert!(nets.inspect("n").unwrap().attachments.is_empty(), "no address kept");
+        // Now it works, with the first address.
+        let a = nets.attach_veth("n", "c1", &inst.path, "eth0", Some("c1")).unwrap();
+        assert_eq!(a.ip, Ipv4Addr::new(10, 88, 0, 2));
+        assert!(matches!(nets.attach_tap("n", "c2", Some("C1")), Err(Error::NameInUse { .. })));
+        assert!(matches!(nets.attach_tap("n", "c1", None), Err(Error::AlreadyAttached { .. })));
+        let e = nets.publish("n", "c9", "8080:80".parse().unwrap()).unwrap_err();
+        assert_eq!(e.to_string(), "instance `c9` is not attached to network `n`");
+        let e = nets.publish("n", "c1", "192.0.2.7:8080:80".parse().unwrap()).unwrap_err();
+        assert!(e.to_string().contains("not an address of this host"), "{e}");
+        assert!(matches!(nets.unpublish("n", "c1", 8080, Proto::Tcp), Err(Error::NotPublished { .. })));
+
+        // prune: a dead instance (its namespace and veth gone), a stray isla link, and the
+        // now unused network.
+        host.ip(&["link", "add", "isla-vstray", "type", "bridge"]);
+        let t = nets.attach_tap("n", "vm", None).unwrap();
+        host.ip(&["link", "del", &t.host_ifname]);
+        let report = nets.prune().unwrap();
+        assert_eq!(report.stale_attachments, vec!["n/vm".to_string()]);
+        assert_eq!(report.links, vec!["isla-vstray".to_string()]);
+        assert!(report.networks.is_empty(), "c1 still uses n");
+        nets.remove("n", true).unwrap();
+    })
+    .unwrap();
+    assert_eq!(host.isla_links(), Vec::<String>::new());
+    assert!(!host.nft_tables().contains("isla"));
+}
