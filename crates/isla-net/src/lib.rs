@@ -49,6 +49,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 pub use dns::DnsServer;
+pub use ipnet::Ipv4Net;
 pub use model::{AttachKind, Attachment, Driver, Network, NetworkSpec, PortSpec, Proto, Publication, State};
 pub use netlink::{in_netns, LinkInfo};
 pub use networks::{Networks, PruneReport};

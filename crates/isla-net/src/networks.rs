@@ -557,8 +557,14 @@ impl Networks {
         for n in &unused {
             new.networks.remove(n);
         }
-        report.networks = unused;
         nft::apply(&new)?;
+        for n in &unused {
+            if let Some(net) = old.networks.get(n) {
+                nl.delete(&net.bridge)?;
+            }
+        }
+        report.networks = unused;
+        let links = nl.links()?;
         let keep: BTreeSet<&str> = new
             .networks
             .values()
