@@ -74,8 +74,8 @@ enum NetworkCmd {
 }
 
 pub fn run(args: &NetworkArgs) -> Result<()> {
-    let nets =
-        Networks::open(&args.root).with_context(|| format!("opening the network state in {} (--root)", args.root.display()))?;
+    let nets = Networks::open(&args.root)
+        .with_context(|| format!("opening the network state in {} (--root)", args.root.display()))?;
     match &args.cmd {
         NetworkCmd::Create { name, driver, subnet, gateway, parent } => {
             let driver = match driver {
@@ -83,7 +83,8 @@ pub fn run(args: &NetworkArgs) -> Result<()> {
                 DriverArg::Bridge => Driver::Bridge,
                 DriverArg::HostOnly => Driver::HostOnly,
             };
-            let spec = NetworkSpec { name: name.clone(), driver, subnet: *subnet, gateway: *gateway, parent: parent.clone() };
+            let spec =
+                NetworkSpec { name: name.clone(), driver, subnet: *subnet, gateway: *gateway, parent: parent.clone() };
             let n = nets.create(&spec)?;
             println!("{} {} {} {}", n.name, n.driver, n.subnet, n.bridge);
         }

@@ -65,7 +65,11 @@ fn network_create_ls_inspect_rm_prune() {
     assert_eq!(rm.status.code(), Some(1));
     assert!(common::stderr(&rm).contains("no network named `nosuch`"));
     // A leftover of a crash: prune deletes it, and the unused network.
-    assert!(Command::new("ip").args(["-n", &ns.0, "link", "add", "isla-tleft", "type", "bridge"]).status().unwrap().success());
+    assert!(Command::new("ip")
+        .args(["-n", &ns.0, "link", "add", "isla-tleft", "type", "bridge"])
+        .status()
+        .unwrap()
+        .success());
     let pruned = ok(&ns.isla(&root, &["prune"]));
     assert_eq!(pruned, "network back\nlink isla-tleft\n");
     assert_eq!(ok(&ns.isla(&root, &["ls", "--output", "json"])).trim(), "[]");

@@ -145,7 +145,9 @@ impl DnsServer {
             while !flag.load(Ordering::Relaxed) {
                 let (n, peer) = match socket.recv_from(&mut buf) {
                     Ok(r) => r,
-                    Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
+                    Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                        continue
+                    }
                     Err(e) => {
                         tracing::warn!(%addr, "dns: {e}");
                         continue;

@@ -16,7 +16,8 @@
 //! nor any route of the host uses. Published ports ([`Networks::publish`]) are nftables DNAT
 //! rules in the prerouting chain (traffic from outside) and the output chain (the host's own
 //! connections, 127.0.0.1 included: the bridge has `route_localnet` on and the loopback source is
-//! masqueraded). Instance names are served by a small DNS responder ([`Networks::serve_dns`],
+//! masqueraded; or, per publication, a userspace proxy on 127.0.0.1 instead: [`Loopback`],
+//! [`PortProxy`]). Instance names are served by a small DNS responder ([`Networks::serve_dns`],
 //! run by whichever process owns the network) and written into each container's
 //! `/etc/hosts` ([`Networks::hosts_file`]).
 //!
@@ -42,6 +43,7 @@ mod model;
 mod netlink;
 mod networks;
 pub mod nft;
+mod proxy;
 mod store;
 mod tap;
 
@@ -50,9 +52,10 @@ use std::path::PathBuf;
 
 pub use dns::DnsServer;
 pub use ipnet::Ipv4Net;
-pub use model::{AttachKind, Attachment, Driver, Network, NetworkSpec, PortSpec, Proto, Publication, State};
+pub use model::{AttachKind, Attachment, Driver, Loopback, Network, NetworkSpec, PortSpec, Proto, Publication, State};
 pub use netlink::{in_netns, LinkInfo};
 pub use networks::{Networks, PruneReport};
+pub use proxy::PortProxy;
 
 /// The prefix of every link isla creates.
 pub const LINK_PREFIX: &str = "isla-";

@@ -130,7 +130,8 @@ impl FromStr for PortSpec {
     type Err = Error;
     /// Parses Docker's `-p` forms: `8080:80`, `127.0.0.1:8080:80`, each optionally with `/udp`.
     fn from_str(s: &str) -> Result<Self, Error> {
-        let bad = |why: &str| Error::Invalid(format!("port `{s}`: {why} (expected [HOST_IP:]HOST_PORT:PORT[/tcp|udp])"));
+        let bad =
+            |why: &str| Error::Invalid(format!("port `{s}`: {why} (expected [HOST_IP:]HOST_PORT:PORT[/tcp|udp])"));
         let (ports, proto) = match s.split_once('/') {
             Some((p, proto)) => (p, proto.parse::<Proto>().map_err(|_| bad("unknown protocol"))?),
             None => (s, Proto::Tcp),
@@ -190,6 +191,19 @@ impl Attachment {
     }
 }
 
+/// How a published port is reached through the host's loopback address.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Loopback {
+    /// The output chain's DNAT covers 127.0.0.1 too (`route_localnet` on the bridge, the
+    /// loopback source masqueraded). Nothing has to run.
+    #[default]
+    Kernel,
+    /// DNAT leaves 127.0.0.0/8 alone; a userspace proxy ([`crate::PortProxy`]), run by the
+    /// process that owns the instance, listens on 127.0.0.1 and holds the port. TCP only.
+    Proxy,
+}
+
 /// A published port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Publication {
@@ -198,6 +212,9 @@ pub struct Publication {
     pub port: PortSpec,
     /// The instance's address the port forwards to.
     pub instance_ip: Ipv4Addr,
+    /// How 127.0.0.1 reaches it.
+    #[serde(default)]
+    pub loopback: Loopback,
 }
 
 /// A network as isla keeps it.

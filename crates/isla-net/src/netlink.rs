@@ -83,8 +83,7 @@ impl Netlink {
     pub(crate) fn links(&self) -> Result<Vec<LinkInfo>, Error> {
         let h = self.handle.clone();
         self.block(async move {
-            let msgs: Vec<LinkMessage> =
-                h.link().get().execute().try_collect().await.map_err(nl_err("list links"))?;
+            let msgs: Vec<LinkMessage> = h.link().get().execute().try_collect().await.map_err(nl_err("list links"))?;
             Ok(msgs.iter().map(Self::info).collect())
         })
     }

@@ -11,7 +11,9 @@ use ipnet::Ipv4Net;
 use serde::Serialize;
 
 use crate::dns::DnsServer;
-use crate::model::{check_name, AttachKind, Attachment, Driver, Network, NetworkSpec, PortSpec, Proto, Publication, State};
+use crate::model::{
+    check_name, AttachKind, Attachment, Driver, Loopback, Network, NetworkSpec, PortSpec, Proto, Publication, State,
+};
 use crate::netlink::{in_netns, Netlink};
 use crate::store::Store;
 use crate::{nft, tap, Error, LINK_PREFIX};
@@ -288,7 +290,8 @@ impl Networks {
         if let Some(h) = hostname {
             check_name("hostname", h)?;
             if let Some(ip) = net.resolve(h) {
-                let holder = net.attachments.values().find(|a| a.ip == ip).map(|a| a.instance_id.clone()).unwrap_or_default();
+                let holder =
+                    net.attachments.values().find(|a| a.ip == ip).map(|a| a.instance_id.clone()).unwrap_or_default();
                 return Err(Error::NameInUse { network: network.into(), name: h.into(), instance: holder });
             }
         }
@@ -427,8 +430,27 @@ impl Networks {
     }
 
     /// Publishes `port` of an attached instance on the host, after checking that no other
-    /// publication and no host socket holds it.
+    /// publication and no host socket holds it. 127.0.0.1 is served by the kernel
+    /// ([`Loopback::Kernel`]); see [`Networks::publish_with`].
     pub fn publish(&self, network: &str, instance: &str, port: PortSpec) -> Result<Publication, Error> {
+        self.publish_with(network, instance, port, Loopback::Kernel)
+    }
+
+    /// [`Networks::publish`] choosing how 127.0.0.1 reaches the port. With
+    /// [`Loopback::Proxy`] the caller runs [`crate::PortProxy::start`] on the result.
+    pub fn publish_with(
+        &self,
+        network: &str,
+        instance: &str,
+        port: PortSpec,
+        loopback: Loopback,
+    ) -> Result<Publication, Error> {
+        if loopback == Loopback::Proxy && port.proto != Proto::Tcp {
+            return Err(Error::Invalid(format!(
+                "port {}/{}: the loopback proxy handles tcp only",
+                port.host_port, port.proto
+            )));
+        }
         let _l = self.store.lock(true)?;
         let old = self.store.load()?;
         let net = Self::get(&old, network)?;
@@ -447,7 +469,9 @@ impl Networks {
                 let clash = pubs.iter().any(|p| {
                     p.port.proto == port.proto
                         && p.port.host_port == port.host_port
-                        && (p.port.host_ip == port.host_ip || p.port.host_ip.is_unspecified() || port.host_ip.is_unspecified())
+                        && (p.port.host_ip == port.host_ip
+                            || p.port.host_ip.is_unspecified()
+                            || port.host_ip.is_unspecified())
                 });
                 if clash {
                     return Err(in_use(format!(" (published for instance `{inst}` on network `{}`)", n.name)));
@@ -458,7 +482,7 @@ impl Networks {
             Some(by) => in_use(by),
             None => Error::Invalid(format!("host address {} is not an address of this host", port.host_ip)),
         })?;
-        let p = Publication { port, instance_ip: a.ip };
+        let p = Publication { port, instance_ip: a.ip, loopback };
         let mut new = old.clone();
         Self::get_mut(&mut new, network)?.publications.entry(instance.to_string()).or_default().push(p);
         self.commit(&old, &new, true)?;
@@ -526,7 +550,8 @@ impl Networks {
     pub fn serve_dns(&self, network: &str) -> Result<DnsServer, Error> {
         let net = self.inspect(network)?;
         let addr = (Self::dns_address(&net)?, 53);
-        let sock = UdpSocket::bind(addr).map_err(|e| Error::Io { path: format!("udp {}:53", addr.0).into(), source: e })?;
+        let sock =
+            UdpSocket::bind(addr).map_err(|e| Error::Io { path: format!("udp {}:53", addr.0).into(), source: e })?;
         let store = self.store.clone();
         let name = net.name.clone();
         DnsServer::spawn(sock, move |q| store.load().ok()?.networks.get(&name)?.resolve(q))
@@ -553,7 +578,8 @@ impl Networks {
                 report.stale_attachments.push(format!("{}/{inst}", net.name));
             }
         }
-        let unused: Vec<String> = new.networks.values().filter(|n| n.attachments.is_empty()).map(|n| n.name.clone()).collect();
+        let unused: Vec<String> =
+            new.networks.values().filter(|n| n.attachments.is_empty()).map(|n| n.name.clone()).collect();
         for n in &unused {
             new.networks.remove(n);
         }
@@ -568,7 +594,9 @@ impl Networks {
         let keep: BTreeSet<&str> = new
             .networks
             .values()
-            .flat_map(|n| std::iter::once(n.bridge.as_str()).chain(n.attachments.values().map(|a| a.host_ifname.as_str())))
+            .flat_map(|n| {
+                std::iter::once(n.bridge.as_str()).chain(n.attachments.values().map(|a| a.host_ifname.as_str()))
+            })
             .collect();
         for l in &links {
             if l.name.starts_with(LINK_PREFIX) && !keep.contains(l.name.as_str()) && nl.delete(&l.name)? {

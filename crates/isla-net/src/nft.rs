@@ -11,8 +11,8 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::process::{Command, Stdio};
 
-use crate::model::{Driver, Network, Publication, State};
-use crate::Error;
+use crate::model::{Driver, Loopback, Network, Publication, State};
+use crate::{Error, LINK_PREFIX};
 
 /// The filter table.
 pub const FILTER_TABLE: &str = "inet isla";
@@ -32,20 +32,41 @@ pub(crate) fn script(state: &State) -> String {
     let jumps = |prefix: &str| nets.iter().map(|n| format!("    jump {prefix}-{}\n", n.short_id())).collect::<String>();
 
     let _ = writeln!(s, "table {FILTER_TABLE} {{");
-    let _ = writeln!(s, "  chain forward {{\n    type filter hook forward priority filter; policy accept;\n{}  }}", jumps("fwd"));
+    let _ = writeln!(
+        s,
+        "  chain forward {{\n    type filter hook forward priority filter; policy accept;\n{}  }}",
+        jumps("fwd")
+    );
+    // route_localnet lets 127.0.0.0/8 travel on the bridges; never let an instance use it to
+    // reach the host's loopback services (CVE-2020-8558). At raw priority, before conntrack
+    // turns the replies of loopback-published ports back into 127.0.0.1.
+    let _ = writeln!(
+        s,
+        "  chain guard {{\n    type filter hook prerouting priority raw; policy accept;\n    iifname \"{LINK_PREFIX}br-*\" ip daddr 127.0.0.0/8 counter drop\n  }}"
+    );
     for n in &nets {
         let _ = writeln!(s, "  chain fwd-{} {{\n{}  }}", n.short_id(), forward_rules(n));
     }
     s.push_str("}\n");
 
     let _ = writeln!(s, "table {NAT_TABLE} {{");
-    let _ = writeln!(s, "  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n{}  }}", jumps("pre"));
-    let _ = writeln!(s, "  chain output {{\n    type nat hook output priority -100; policy accept;\n{}  }}", jumps("out"));
-    let _ = writeln!(s, "  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n{}  }}", jumps("post"));
+    let _ = writeln!(
+        s,
+        "  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n{}  }}",
+        jumps("pre")
+    );
+    let _ =
+        writeln!(s, "  chain output {{\n    type nat hook output priority -100; policy accept;\n{}  }}", jumps("out"));
+    let _ = writeln!(
+        s,
+        "  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n{}  }}",
+        jumps("post")
+    );
     for n in &nets {
-        let dnat: String = n.all_publications().map(dnat_rule).collect();
-        let _ = writeln!(s, "  chain pre-{} {{\n{dnat}  }}", n.short_id());
-        let _ = writeln!(s, "  chain out-{} {{\n{dnat}  }}", n.short_id());
+        let pre: String = n.all_publications().map(|p| dnat_rule(p, false)).collect();
+        let out: String = n.all_publications().map(|p| dnat_rule(p, true)).collect();
+        let _ = writeln!(s, "  chain pre-{} {{\n{pre}  }}", n.short_id());
+        let _ = writeln!(s, "  chain out-{} {{\n{out}  }}", n.short_id());
         let _ = writeln!(s, "  chain post-{} {{\n{}  }}", n.short_id(), postrouting_rules(n));
     }
     s.push_str("}\n");
@@ -72,12 +93,21 @@ fn forward_rules(n: &Network) -> String {
     }
 }
 
-fn dnat_rule(p: &Publication) -> String {
-    let dst = if p.port.host_ip.is_unspecified() {
+/// The DNAT rule of a publication; in the output chain (`local`), a port whose loopback side is
+/// a userspace proxy leaves 127.0.0.0/8 to it.
+fn dnat_rule(p: &Publication, local: bool) -> String {
+    let proxied = local && p.loopback == Loopback::Proxy;
+    if proxied && p.port.host_ip.is_loopback() {
+        return String::new();
+    }
+    let mut dst = if p.port.host_ip.is_unspecified() {
         "fib daddr type local".to_string()
     } else {
         format!("ip daddr {}", p.port.host_ip)
     };
+    if proxied {
+        dst.push_str(" ip daddr != 127.0.0.0/8");
+    }
     format!(
         "    {dst} {proto} dport {hp} dnat to {ip}:{cp}\n",
         proto = p.port.proto,
@@ -179,12 +209,25 @@ mod tests {
     fn nat_network_with_a_published_port() {
         let mut n = net(Driver::Nat);
         let port = PortSpec { host_ip: Ipv4Addr::UNSPECIFIED, host_port: 8080, container_port: 80, proto: Proto::Tcp };
-        n.publications.insert("web".into(), vec![Publication { port, instance_ip: Ipv4Addr::new(10, 88, 3, 2) }]);
+        let ip = Ipv4Addr::new(10, 88, 3, 2);
+        let proxied = PortSpec { host_port: 8081, ..port };
+        n.publications.insert(
+            "web".into(),
+            vec![
+                Publication { port, instance_ip: ip, loopback: Loopback::Kernel },
+                Publication { port: proxied, instance_ip: ip, loopback: Loopback::Proxy },
+            ],
+        );
         let mut st = State::default();
         st.networks.insert(n.name.clone(), n);
         let s = script(&st);
         assert!(s.contains("jump fwd-abcdef0"));
-        assert!(s.contains("chain pre-abcdef0 {\n    fib daddr type local tcp dport 8080 dnat to 10.88.3.2:80\n  }"));
+        assert!(s.contains(
+            "chain pre-abcdef0 {\n    fib daddr type local tcp dport 8080 dnat to 10.88.3.2:80\n    \
+             fib daddr type local tcp dport 8081 dnat to 10.88.3.2:80\n  }"
+        ));
+        assert!(s.contains("fib daddr type local ip daddr != 127.0.0.0/8 tcp dport 8081 dnat to 10.88.3.2:80"));
+        assert!(s.contains("iifname \"isla-br-*\" ip daddr 127.0.0.0/8 counter drop"));
         assert!(s.contains("ip saddr 10.88.3.0/24 oifname != \"isla-br-abcdef0\" masquerade"));
         assert!(s.contains("ip saddr 127.0.0.0/8 masquerade"));
     }

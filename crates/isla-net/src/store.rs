@@ -51,7 +51,10 @@ impl Store {
         let state: State =
             serde_json::from_str(&text).map_err(|e| Error::BadState { path: path.clone(), message: e.to_string() })?;
         if state.version != 1 {
-            return Err(Error::BadState { path, message: format!("unknown version {} (this isla reads 1)", state.version) });
+            return Err(Error::BadState {
+                path,
+                message: format!("unknown version {} (this isla reads 1)", state.version),
+            });
         }
         Ok(state)
     }
@@ -64,7 +67,8 @@ impl Store {
             let p = p.to_path_buf();
             move |e: std::io::Error| Error::Io { path: p, source: e }
         };
-        let text = serde_json::to_vec_pretty(state).map_err(|e| Error::BadState { path: path.clone(), message: e.to_string() })?;
+        let text = serde_json::to_vec_pretty(state)
+            .map_err(|e| Error::BadState { path: path.clone(), message: e.to_string() })?;
         let mut f = File::create(&tmp).map_err(io(&tmp))?;
         f.write_all(&text).and_then(|()| f.sync_all()).map_err(io(&tmp))?;
         std::fs::rename(&tmp, &path).map_err(io(&path))?;

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use isla_net::{in_netns, Driver, Error, NetworkSpec, Networks, PortSpec, Proto};
+use isla_net::{in_netns, Driver, Error, Loopback, NetworkSpec, Networks, PortProxy, PortSpec, Proto};
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
@@ -130,7 +130,10 @@ fn nat_network_end_to_end() {
         let links_before = host.isla_links();
         let e = nets.create(&NetworkSpec::new("front", Driver::HostOnly)).unwrap_err();
         assert!(matches!(e, Error::NetworkExists(_)), "{e}");
-        assert_eq!(e.to_string(), "network `front` already exists; choose another name or remove it with `isla network rm front`");
+        assert_eq!(
+            e.to_string(),
+            "network `front` already exists; choose another name or remove it with `isla network rm front`"
+        );
         assert_eq!(host.isla_links(), links_before);
 
         let a1 = nets.attach_veth("front", "c-web", &web.path, "eth0", Some("web")).unwrap();
@@ -150,9 +153,13 @@ fn nat_network_end_to_end() {
         assert!(tap_line.contains("tun type tap"), "{tap_line}");
 
         // A published port: from outside, through the host's address, and through 127.0.0.1.
-        let server = peer_echo(&web, 80, 4);
+        let server = peer_echo(&web, 80, 6);
         let p = nets
-            .publish("front", "c-web", PortSpec { host_ip: Ipv4Addr::UNSPECIFIED, host_port: 8080, container_port: 80, proto: Proto::Tcp })
+            .publish(
+                "front",
+                "c-web",
+                PortSpec { host_ip: Ipv4Addr::UNSPECIFIED, host_port: 8080, container_port: 80, proto: Proto::Tcp },
+            )
             .unwrap();
         assert_eq!(p.instance_ip, a1.ip);
         let from_outside = in_netns(&outside.path, || ask("198.51.100.1:8080".parse().unwrap())).unwrap().unwrap();
@@ -162,6 +169,16 @@ fn nat_network_end_to_end() {
         // Hairpin: an instance through the host's published port.
         let hairpin = in_netns(&web2.path, || ask("198.51.100.1:8080".parse().unwrap())).unwrap().unwrap();
         assert_eq!(hairpin, "10.88.0.1");
+        // The userspace fallback: DNAT leaves 127.0.0.1 to a proxy the owner runs.
+        let port = PortSpec { host_port: 8090, ..p.port };
+        let pp = nets.publish_with("front", "c-web", port, Loopback::Proxy).unwrap();
+        assert!(ask("127.0.0.1:8090".parse().unwrap()).is_err(), "no proxy yet, no kernel path");
+        let proxy = PortProxy::start(&pp).unwrap();
+        assert_eq!(ask("127.0.0.1:8090".parse().unwrap()).unwrap(), "10.88.0.1");
+        let from_outside = in_netns(&outside.path, || ask("198.51.100.1:8090".parse().unwrap())).unwrap().unwrap();
+        assert_eq!(from_outside, "198.51.100.2");
+        drop(proxy);
+        nets.unpublish("front", "c-web", 8090, Proto::Tcp).unwrap();
         server.join().unwrap();
 
         // Busy ports: held by a host process, or published already.
@@ -191,7 +208,10 @@ fn nat_network_end_to_end() {
         assert!(String::from_utf8_lossy(&out.stdout).contains("10.88.0.3"), "{out:?}");
         drop(dns);
         let hosts = nets.hosts_file("front", "c-web").unwrap();
-        assert!(hosts.contains("10.88.0.2\tweb web.front\n") && hosts.contains("10.88.0.3\tweb2 web2.front\n"), "{hosts}");
+        assert!(
+            hosts.contains("10.88.0.2\tweb web.front\n") && hosts.contains("10.88.0.3\tweb2 web2.front\n"),
+            "{hosts}"
+        );
         assert_eq!(nets.resolv_conf("front").unwrap(), "nameserver 10.88.0.1\nsearch front\n");
 
         // Rules are per network, and go away with it.
@@ -231,8 +251,10 @@ fn host_only_and_bridge_drivers() {
         nets.attach_veth("private", "i1", &inst.path, "eth0", None).unwrap();
         assert!(ping(&inst, "10.99.0.1"));
         let far = in_netns(&lan.path, || TcpListener::bind("0.0.0.0:9000")).unwrap().unwrap();
-        let r = in_netns(&inst.path, || TcpStream::connect_timeout(&"198.51.100.2:9000".parse().unwrap(), Duration::from_secs(1)))
-            .unwrap();
+        let r = in_netns(&inst.path, || {
+            TcpStream::connect_timeout(&"198.51.100.2:9000".parse().unwrap(), Duration::from_secs(1))
+        })
+        .unwrap();
         assert!(r.is_err(), "host-only must not forward out");
         drop(far);
         let rules = isla_net::nft::list_rules().unwrap();
@@ -336,4 +358,46 @@ fn failures_leave_nothing_half_created() {
     .unwrap();
     assert_eq!(host.isla_links(), Vec::<String>::new());
     assert!(!host.nft_tables().contains("isla"));
+}
+
+#[test]
+fn instances_cannot_reach_host_loopback_services() {
+    let (host, inst) = (Netns::new("host"), Netns::new("inst"));
+    let root = tempfile::tempdir().unwrap();
+    in_netns(&host.path, || {
+        let nets = Networks::open(root.path()).unwrap();
+        nets.create(&NetworkSpec::new("n", Driver::Nat)).unwrap();
+        nets.attach_veth("n", "evil", &inst.path, "eth0", None).unwrap();
+        let secret = TcpListener::bind("127.0.0.1:7777").unwrap();
+        // The instance routes 127.0.0.1 to the host through its eth0, as an attacker would
+        // (CVE-2020-8558: the bridge has route_localnet on for loopback-published ports).
+        for cmd in [
+            "ip rule del pref 0 lookup local",
+            "ip rule add pref 100 lookup local",
+            "ip rule add pref 10 to 127.0.0.1 lookup 200",
+            "ip route add 127.0.0.1 via 10.88.0.1 dev eth0 table 200",
+            "sysctl -qw net.ipv4.conf.eth0.route_localnet=1",
+        ] {
+            let args: Vec<&str> = cmd.split(' ').collect();
+            assert!(inst.exec(&args).status.success(), "{cmd}");
+        }
+        let r = in_netns(&inst.path, || {
+            TcpStream::connect_timeout(&"127.0.0.1:7777".parse().unwrap(), Duration::from_secs(1))
+        })
+        .unwrap();
+        assert!(r.is_err(), "reached the host's 127.0.0.1:7777");
+        let guard =
+            String::from_utf8_lossy(&host.exec(&["nft", "list", "chain", "inet", "isla", "guard"]).stdout).into_owned();
+        let dropped: u64 = guard
+            .split("counter packets ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        assert!(dropped > 0, "the guard dropped the attempts: {guard}");
+        drop(secret);
+        nets.remove("n", true).unwrap();
+    })
+    .unwrap();
+    assert_eq!(host.isla_links(), Vec::<String>::new());
 }
