@@ -210,16 +210,12 @@ impl Networks {
         if nl.link(&bridge)?.is_some() {
             return Err(Error::LinkExists(bridge));
         }
-        let parent = match &spec.parent {
-            Some(p) => {
-                let l = nl.link(p)?.ok_or_else(|| Error::LinkMissing(p.clone()))?;
-                if l.name.starts_with(LINK_PREFIX) || l.controller.is_some() {
-                    return Err(Error::Invalid(format!("--parent {p}: the interface is already part of a bridge")));
-                }
-                Some(l.index)
+        if let Some(p) = &spec.parent {
+            let l = nl.link(p)?.ok_or_else(|| Error::LinkMissing(p.clone()))?;
+            if l.name.starts_with(LINK_PREFIX) || l.controller.is_some() {
+                return Err(Error::Invalid(format!("--parent {p}: the interface is already part of a bridge")));
             }
-            None => None,
-        };
+        }
         let net = Network {
             name: spec.name.clone(),
             id,
@@ -234,22 +230,7 @@ impl Networks {
         };
 
         let mut undo = Undo { nl: &nl, links: Vec::new() };
-        let br = nl.add_bridge(&bridge)?;
-        undo.links.push(bridge.clone());
-        if net.host_has_address() {
-            if let Some(g) = gateway {
-                let addr = Ipv4Net::new(g, subnet.prefix_len()).map_err(|e| Error::Invalid(e.to_string()))?;
-                nl.add_addr(br, addr)?;
-            }
-            // Lets the output chain's DNAT send 127.0.0.1-sourced packets to instances.
-            write_sysctl(&format!("/proc/sys/net/ipv4/conf/{bridge}/route_localnet"), "1")?;
-        }
-        if let Some(p) = parent {
-            nl.enslave_up(p, br)?;
-        }
-        if net.driver == Driver::Nat {
-            write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
-        }
+        Self::build_bridge(&nl, &net, &mut undo)?;
         let mut new = old.clone();
         new.version = 1;
         new.networks.insert(net.name.clone(), net.clone());
@@ -257,6 +238,48 @@ impl Networks {
         undo.commit();
         tracing::info!(network = %net.name, %bridge, %subnet, "network created");
         Ok(net)
+    }
+
+    /// Creates `net`'s bridge: its gateway address and `route_localnet` (nat, host-only), its
+    /// parent (bridge), IPv4 forwarding (nat). The bridge is registered in `undo`.
+    fn build_bridge(nl: &Netlink, net: &Network, undo: &mut Undo) -> Result<(), Error> {
+        let br = nl.add_bridge(&net.bridge)?;
+        undo.links.push(net.bridge.clone());
+        if net.host_has_address() {
+            if let Some(g) = net.gateway {
+                let addr = Ipv4Net::new(g, net.subnet.prefix_len()).map_err(|e| Error::Invalid(e.to_string()))?;
+                nl.add_addr(br, addr)?;
+            }
+            // Lets the output chain's DNAT send 127.0.0.1-sourced packets to instances.
+            write_sysctl(&format!("/proc/sys/net/ipv4/conf/{}/route_localnet", net.bridge), "1")?;
+        }
+        if let Some(p) = &net.parent {
+            nl.enslave_up(nl.index(p)?, br)?;
+        }
+        if net.driver == Driver::Nat {
+            write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
+        }
+        Ok(())
+    }
+
+    /// Brings the kernel back in line with the state after a reboot or a crash: recreates
+    /// missing bridges and re-applies the rules. Returns the networks whose bridge was recreated.
+    /// (Attachments whose instance is gone are left to [`Networks::prune`].)
+    pub fn restore(&self) -> Result<Vec<String>, Error> {
+        let _l = self.store.lock(true)?;
+        let state = self.store.load()?;
+        let nl = Netlink::open()?;
+        let mut undo = Undo { nl: &nl, links: Vec::new() };
+        for net in state.networks.values() {
+            if nl.link(&net.bridge)?.is_none() {
+                Self::build_bridge(&nl, net, &mut undo)?;
+            }
+        }
+        nft::apply(&state)?;
+        let rebuilt =
+            state.networks.values().filter(|n| undo.links.contains(&n.bridge)).map(|n| n.name.clone()).collect();
+        undo.commit();
+        Ok(rebuilt)
     }
 
     /// Removes a network, its bridge and its rules. With instances attached it fails unless
@@ -505,13 +528,6 @@ impl Networks {
             net.publications.remove(instance);
         }
         self.commit(&old, &new, true)
-    }
-
-    /// Re-applies every network's nftables rules from the state (after `nft flush ruleset` or a
-    /// reboot of the firewall).
-    pub fn sync_rules(&self) -> Result<(), Error> {
-        let _l = self.store.lock(false)?;
-        nft::apply(&self.store.load()?)
     }
 
     /// `/etc/hosts` for a container on `network`: localhost, then every named instance of the

@@ -401,3 +401,42 @@ fn instances_cannot_reach_host_loopback_services() {
     .unwrap();
     assert_eq!(host.isla_links(), Vec::<String>::new());
 }
+
+#[test]
+fn restore_after_a_reboot_and_concurrent_attaches() {
+    let host = Netns::new("host");
+    let root = tempfile::tempdir().unwrap();
+    in_netns(&host.path, || {
+        let nets = Networks::open(root.path()).unwrap();
+        let net = nets.create(&NetworkSpec::new("n", Driver::Nat)).unwrap();
+        // What a reboot does: the bridge and the rules are gone, the state remains.
+        host.ip(&["link", "del", &net.bridge]);
+        assert!(host.exec(&["nft", "flush", "ruleset"]).status.success());
+        assert!(matches!(nets.attach_tap("n", "vm0", None), Err(Error::LinkMissing(_))));
+        assert_eq!(nets.restore().unwrap(), vec!["n".to_string()]);
+        assert!(host.ip(&["-o", "addr", "show", &net.bridge]).contains("10.88.0.1/24"));
+        assert!(host.nft_tables().contains("isla-nat"));
+        assert!(nets.restore().unwrap().is_empty(), "nothing to do the second time");
+
+        // Several processes' worth of attaches at once: the lock gives each its own address.
+        let ips: Vec<Ipv4Addr> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..6)
+                .map(|i| {
+                    let nets = nets.clone();
+                    s.spawn(move || nets.attach_tap("n", &format!("vm{i}"), None).unwrap().ip)
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let mut sorted = ips.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 6, "{ips:?}");
+        assert_eq!(nets.inspect("n").unwrap().attachments.len(), 6);
+        let enslaved = host.ip(&["-o", "link", "show", "master", &net.bridge]);
+        assert_eq!(enslaved.lines().count(), 6, "{enslaved}");
+        nets.remove("n", true).unwrap();
+    })
+    .unwrap();
+    assert_eq!(host.isla_links(), Vec::<String>::new());
+}
