@@ -2,6 +2,8 @@
 //! Attaching instances and publishing ports is the instance manager's job; this is the
 //! administration side.
 
+mod bench;
+
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
@@ -71,11 +73,17 @@ enum NetworkCmd {
     },
     /// Remove unused networks and leftovers of crashed instances (isla- links, stale records).
     Prune,
+    /// Recreate missing bridges and rules from the state (after a reboot).
+    Restore,
+    /// Measure the operations and the data paths of a published port, in namespaces of its own.
+    Bench(bench::BenchArgs),
 }
 
 pub fn run(args: &NetworkArgs) -> Result<()> {
-    let nets = Networks::open(&args.root)
-        .with_context(|| format!("opening the network state in {} (--root)", args.root.display()))?;
+    let nets = || {
+        Networks::open(&args.root)
+            .with_context(|| format!("opening the network state in {} (--root)", args.root.display()))
+    };
     match &args.cmd {
         NetworkCmd::Create { name, driver, subnet, gateway, parent } => {
             let driver = match driver {
@@ -85,17 +93,19 @@ pub fn run(args: &NetworkArgs) -> Result<()> {
             };
             let spec =
                 NetworkSpec { name: name.clone(), driver, subnet: *subnet, gateway: *gateway, parent: parent.clone() };
-            let n = nets.create(&spec)?;
+            let n = nets()?.create(&spec)?;
             println!("{} {} {} {}", n.name, n.driver, n.subnet, n.bridge);
         }
-        NetworkCmd::Ls { output: Output::Json } => println!("{}", serde_json::to_string_pretty(&nets.list()?)?),
-        NetworkCmd::Ls { output: Output::Table } => print_table(&nets.list()?),
+        NetworkCmd::Ls { output: Output::Json } => println!("{}", serde_json::to_string_pretty(&nets()?.list()?)?),
+        NetworkCmd::Ls { output: Output::Table } => print_table(&nets()?.list()?),
         NetworkCmd::Inspect { names } => {
+            let nets = nets()?;
             let found = names.iter().map(|n| nets.inspect(n)).collect::<Result<Vec<_>, _>>()?;
             println!("{}", serde_json::to_string_pretty(&found)?);
         }
         NetworkCmd::Rm { names, force } => {
             // Each name on its own: one failure does not stop the others, but is reported.
+            let nets = nets()?;
             let mut failed = 0;
             for n in names {
                 match nets.remove(n, *force) {
@@ -111,7 +121,7 @@ pub fn run(args: &NetworkArgs) -> Result<()> {
             }
         }
         NetworkCmd::Prune => {
-            let r = nets.prune()?;
+            let r = nets()?.prune()?;
             for a in &r.stale_attachments {
                 println!("stale attachment {a}");
             }
@@ -122,6 +132,12 @@ pub fn run(args: &NetworkArgs) -> Result<()> {
                 println!("link {l}");
             }
         }
+        NetworkCmd::Restore => {
+            for n in nets()?.restore()? {
+                println!("{n}");
+            }
+        }
+        NetworkCmd::Bench(b) => bench::run(b)?,
     }
     Ok(())
 }
