@@ -56,6 +56,7 @@ pub use model::{AttachKind, Attachment, Driver, Loopback, Network, NetworkSpec, 
 pub use netlink::{in_netns, LinkInfo};
 pub use networks::{Networks, PruneReport};
 pub use proxy::PortProxy;
+pub use tap::open_tap;
 
 /// The prefix of every link isla creates.
 pub const LINK_PREFIX: &str = "isla-";

@@ -113,6 +113,43 @@ fn dns_query(ns: &Netns, server: Ipv4Addr, name: &str) -> (u8, Option<Ipv4Addr>)
     .unwrap()
 }
 
+fn parse_mac(s: &str) -> [u8; 6] {
+    let v: Vec<u8> = s.split(':').map(|b| u8::from_str_radix(b, 16).unwrap()).collect();
+    v.try_into().unwrap()
+}
+
+/// Plays a microVM's virtio-net on TAP `tap`: sends an ARP request for `target` from `ip`/`mac`
+/// and returns the MAC address in the reply.
+fn arp_through_tap(tap: &str, mac: [u8; 6], ip: Ipv4Addr, target: Ipv4Addr) -> Option<[u8; 6]> {
+    let mut dev = isla_net::open_tap(tap, false).unwrap();
+    let mut frame = vec![0xff; 6];
+    frame.extend_from_slice(&mac);
+    frame.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    frame.extend_from_slice(&mac);
+    frame.extend_from_slice(&ip.octets());
+    frame.extend_from_slice(&[0; 6]);
+    frame.extend_from_slice(&target.octets());
+    let mut reader = dev.try_clone().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok(n) = reader.read(&mut buf) {
+            let f = &buf[..n];
+            if n >= 42 && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 2] && f[28..32] == target.octets() {
+                let _ = tx.send(<[u8; 6]>::try_from(&f[22..28]).unwrap());
+                return;
+            }
+        }
+    });
+    for _ in 0..3 {
+        dev.write_all(&frame).unwrap();
+        if let Ok(m) = rx.recv_timeout(Duration::from_secs(1)) {
+            return Some(m);
+        }
+    }
+    None
+}
+
 #[test]
 fn nat_network_end_to_end() {
     let (host, web, web2, outside) = (Netns::new("host"), Netns::new("web"), Netns::new("web2"), Netns::new("out"));
@@ -151,6 +188,11 @@ fn nat_network_end_to_end() {
         let tap_line = host.ip(&["-d", "link", "show", &t.host_ifname]);
         assert!(tap_line.contains(&format!("master {}", net.bridge)), "{tap_line}");
         assert!(tap_line.contains("tun type tap"), "{tap_line}");
+        // Frames from the TAP reach the switch: the gateway answers the "VM"'s ARP.
+        let gw_mac = host.ip(&["link", "show", &net.bridge]).split("link/ether ").nth(1).unwrap()[..17].to_string();
+        let answer = arp_through_tap(&t.host_ifname, parse_mac(&t.mac), t.ip, Ipv4Addr::new(10, 88, 0, 1));
+        assert_eq!(answer, Some(parse_mac(&gw_mac)));
+        assert!(matches!(isla_net::open_tap("isla-tnosuch", false), Err(Error::LinkMissing(_))));
 
         // A published port: from outside, through the host's address, and through 127.0.0.1.
         let server = peer_echo(&web, 80, 6);
