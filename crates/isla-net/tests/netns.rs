@@ -482,3 +482,55 @@ fn restore_after_a_reboot_and_concurrent_attaches() {
     .unwrap();
     assert_eq!(host.isla_links(), Vec::<String>::new());
 }
+
+/// Seed 004's exercise at the network layer: `web`..`web5`, each port 80 published on
+/// 8080..8084, each reachable through 127.0.0.1 and by name from the others.
+#[test]
+fn five_web_servers_on_8080_to_8084() {
+    let host = Netns::new("host");
+    let names = ["web", "web2", "web3", "web4", "web5"];
+    let inst: Vec<Netns> = names.iter().map(|n| Netns::new(n)).collect();
+    let root = tempfile::tempdir().unwrap();
+    in_netns(&host.path, || {
+        let nets = Networks::open(root.path()).unwrap();
+        nets.create(&NetworkSpec::new("compose", Driver::Nat)).unwrap();
+        let mut servers = Vec::new();
+        for (i, (name, ns)) in names.iter().zip(&inst).enumerate() {
+            nets.attach_veth("compose", name, &ns.path, "eth0", Some(name)).unwrap();
+            let l = in_netns(&ns.path, || TcpListener::bind("0.0.0.0:80")).unwrap().unwrap();
+            let reply = name.to_string();
+            servers.push(std::thread::spawn(move || {
+                if let Ok((mut s, _)) = l.accept() {
+                    let _ = s.write_all(reply.as_bytes());
+                }
+            }));
+            let port = PortSpec {
+                host_ip: Ipv4Addr::UNSPECIFIED,
+                host_port: 8080 + i as u16,
+                container_port: 80,
+                proto: Proto::Tcp,
+            };
+            nets.publish("compose", name, port).unwrap();
+        }
+        for (i, name) in names.iter().enumerate() {
+            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, 8080 + i as u16));
+            assert_eq!(ask(addr).unwrap(), *name);
+        }
+        servers.into_iter().for_each(|s| s.join().unwrap());
+        let dns = nets.serve_dns("compose").unwrap();
+        for (i, name) in names.iter().enumerate() {
+            assert_eq!(
+                dns_query(&inst[0], Ipv4Addr::new(10, 88, 0, 1), name),
+                (0, Some(Ipv4Addr::new(10, 88, 0, 2 + i as u8)))
+            );
+        }
+        drop(dns);
+        for name in names {
+            nets.detach("compose", name).unwrap();
+        }
+        nets.remove("compose", false).unwrap();
+    })
+    .unwrap();
+    assert_eq!(host.isla_links(), Vec::<String>::new());
+    assert!(!host.nft_tables().contains("isla"));
+}
