@@ -300,6 +300,23 @@ pub(crate) fn check_name(what: &str, s: &str) -> Result<(), Error> {
     }
 }
 
+/// A network record for unit tests: `n`, 10.88.3.0/24, gateway .1, bridge `isla-br-abcdef0`.
+#[cfg(test)]
+pub(crate) fn sample_network(driver: Driver) -> Network {
+    Network {
+        name: "n".into(),
+        id: "abcdef012345".into(),
+        driver,
+        subnet: "10.88.3.0/24".parse().unwrap(),
+        gateway: Some(Ipv4Addr::new(10, 88, 3, 1)),
+        bridge: "isla-br-abcdef0".into(),
+        parent: None,
+        created: 0,
+        attachments: BTreeMap::new(),
+        publications: BTreeMap::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

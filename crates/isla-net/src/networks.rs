@@ -646,22 +646,11 @@ mod tests {
 
     #[test]
     fn link_names_fit_ifnamsiz_and_differ() {
-        let mut n = Network {
-            name: "n".into(),
-            id: "0123456789ab".into(),
-            driver: Driver::Nat,
-            subnet: "10.88.0.0/24".parse().unwrap(),
-            gateway: Some(Ipv4Addr::new(10, 88, 0, 1)),
-            bridge: "isla-br-0123456".into(),
-            parent: None,
-            created: 0,
-            attachments: Default::default(),
-            publications: Default::default(),
-        };
+        let mut n = crate::model::sample_network(Driver::Nat);
         let a = link_name('v', &n, "web");
         assert_eq!(a.len(), 15);
         assert_ne!(a, link_name('v', &n, "web2"));
-        assert_eq!(Networks::allocate(&n).unwrap(), Ipv4Addr::new(10, 88, 0, 2));
+        assert_eq!(Networks::allocate(&n).unwrap(), Ipv4Addr::new(10, 88, 3, 2));
         let plan = Networks::plan_attach(
             &State { version: 1, networks: [("n".to_string(), n.clone())].into() },
             "n",
@@ -671,7 +660,7 @@ mod tests {
         )
         .unwrap();
         n.attachments.insert("web".into(), plan);
-        assert_eq!(Networks::allocate(&n).unwrap(), Ipv4Addr::new(10, 88, 0, 3));
+        assert_eq!(Networks::allocate(&n).unwrap(), Ipv4Addr::new(10, 88, 3, 3));
         let st = State { version: 1, networks: [("n".to_string(), n)].into() };
         assert!(matches!(Networks::check_attach(&st, "n", "other", Some("WEB")), Err(Error::NameInUse { .. })));
         assert!(matches!(Networks::check_attach(&st, "n", "web", None), Err(Error::AlreadyAttached { .. })));

@@ -180,24 +180,8 @@ pub fn list_rules() -> Result<String, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{PortSpec, Proto};
-    use std::collections::BTreeMap;
+    use crate::model::{sample_network, PortSpec, Proto};
     use std::net::Ipv4Addr;
-
-    fn net(driver: Driver) -> Network {
-        Network {
-            name: "n".into(),
-            id: "abcdef012345".into(),
-            driver,
-            subnet: "10.88.3.0/24".parse().unwrap(),
-            gateway: Some(Ipv4Addr::new(10, 88, 3, 1)),
-            bridge: "isla-br-abcdef0".into(),
-            parent: None,
-            created: 0,
-            attachments: BTreeMap::new(),
-            publications: BTreeMap::new(),
-        }
-    }
 
     #[test]
     fn empty_state_only_deletes() {
@@ -207,7 +191,7 @@ mod tests {
 
     #[test]
     fn nat_network_with_a_published_port() {
-        let mut n = net(Driver::Nat);
+        let mut n = sample_network(Driver::Nat);
         let port = PortSpec { host_ip: Ipv4Addr::UNSPECIFIED, host_port: 8080, container_port: 80, proto: Proto::Tcp };
         let ip = Ipv4Addr::new(10, 88, 3, 2);
         let proxied = PortSpec { host_port: 8081, ..port };
@@ -235,7 +219,7 @@ mod tests {
     #[test]
     fn host_only_has_no_masquerade() {
         let mut st = State::default();
-        st.networks.insert("n".into(), net(Driver::HostOnly));
+        st.networks.insert("n".into(), sample_network(Driver::HostOnly));
         let s = script(&st);
         assert!(!s.contains("masquerade"));
         assert!(s.contains("iifname \"isla-br-abcdef0\" oifname != \"isla-br-abcdef0\" drop"));

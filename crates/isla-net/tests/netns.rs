@@ -150,15 +150,22 @@ fn arp_through_tap(tap: &str, mac: [u8; 6], ip: Ipv4Addr, target: Ipv4Addr) -> O
     None
 }
 
+/// Runs `f` with the networks of a fresh state directory on a thread inside `host`, then checks
+/// that no isla link and no isla table is left there.
+fn in_host(host: &Netns, f: impl FnOnce(&Networks) + Send) {
+    let root = tempfile::tempdir().unwrap();
+    in_netns(&host.path, || f(&Networks::open(root.path()).unwrap())).unwrap();
+    assert_eq!(host.isla_links(), Vec::<String>::new());
+    assert!(!host.nft_tables().contains("isla"), "{}", host.nft_tables());
+}
+
 #[test]
 fn nat_network_end_to_end() {
     let (host, web, web2, outside) = (Netns::new("host"), Netns::new("web"), Netns::new("web2"), Netns::new("out"));
-    let root = tempfile::tempdir().unwrap();
     // The host's uplink to "the outside" (documentation addresses, inside the test namespaces).
     wire(&host, "uplink", "198.51.100.1/24", &outside, "eth0", "198.51.100.2/24");
 
-    in_netns(&host.path, || {
-        let nets = Networks::open(root.path()).unwrap();
+    in_host(&host, |nets| {
         let net = nets.create(&NetworkSpec::new("front", Driver::Nat)).unwrap();
         assert_eq!(net.subnet.to_string(), "10.88.0.0/24");
         assert_eq!(net.gateway, Some(Ipv4Addr::new(10, 88, 0, 1)));
@@ -267,16 +274,12 @@ fn nat_network_end_to_end() {
         assert!(web.ip(&["-o", "link"]).lines().all(|l| !l.contains("eth0")), "the veth left the instance");
         nets.remove("front", true).unwrap();
         assert!(nets.list().unwrap().is_empty());
-    })
-    .unwrap();
-    assert_eq!(host.isla_links(), Vec::<String>::new());
-    assert!(!host.nft_tables().contains("isla"), "{}", host.nft_tables());
+    });
 }
 
 #[test]
 fn host_only_and_bridge_drivers() {
     let (host, inst, lan) = (Netns::new("host"), Netns::new("inst"), Netns::new("lan"));
-    let root = tempfile::tempdir().unwrap();
     wire(&host, "uplink", "198.51.100.1/24", &lan, "eth0", "198.51.100.2/24");
     // A second host interface for the bridge driver's parent; its far end is a LAN machine.
     host.ip(&["link", "add", "lan0", "type", "veth", "peer", "name", "eth1", "netns", &lan.name]);
@@ -284,8 +287,7 @@ fn host_only_and_bridge_drivers() {
     lan.ip(&["addr", "add", "203.0.113.100/24", "dev", "eth1"]);
     lan.ip(&["link", "set", "eth1", "up"]);
 
-    in_netns(&host.path, || {
-        let nets = Networks::open(root.path()).unwrap();
+    in_host(&host, |nets| {
         // host-only: the host and the instance see each other; nothing goes beyond.
         let mut spec = NetworkSpec::new("private", Driver::HostOnly);
         spec.subnet = Some("10.99.0.0/24".parse().unwrap());
@@ -332,18 +334,13 @@ fn host_only_and_bridge_drivers() {
         nets.remove("lan", true).unwrap();
         let parent = host.ip(&["link", "show", "lan0"]);
         assert!(!parent.contains("master"), "parent released: {parent}");
-    })
-    .unwrap();
-    assert_eq!(host.isla_links(), Vec::<String>::new());
-    assert!(!host.nft_tables().contains("isla"));
+    });
 }
 
 #[test]
 fn failures_leave_nothing_half_created() {
     let (host, inst) = (Netns::new("host"), Netns::new("inst"));
-    let root = tempfile::tempdir().unwrap();
-    in_netns(&host.path, || {
-        let nets = Networks::open(root.path()).unwrap();
+    in_host(&host, |nets| {
         for (subnet, want) in [
             ("10.1.2.5/24", "not a network address; did you mean 10.1.2.0/24?"),
             ("10.1.2.0/30", "the prefix length must be 8 to 29"),
@@ -396,18 +393,13 @@ fn failures_leave_nothing_half_created() {
         assert_eq!(report.links, vec!["isla-vstray".to_string()]);
         assert!(report.networks.is_empty(), "c1 still uses n");
         nets.remove("n", true).unwrap();
-    })
-    .unwrap();
-    assert_eq!(host.isla_links(), Vec::<String>::new());
-    assert!(!host.nft_tables().contains("isla"));
+    });
 }
 
 #[test]
 fn instances_cannot_reach_host_loopback_services() {
     let (host, inst) = (Netns::new("host"), Netns::new("inst"));
-    let root = tempfile::tempdir().unwrap();
-    in_netns(&host.path, || {
-        let nets = Networks::open(root.path()).unwrap();
+    in_host(&host, |nets| {
         nets.create(&NetworkSpec::new("n", Driver::Nat)).unwrap();
         nets.attach_veth("n", "evil", &inst.path, "eth0", None).unwrap();
         let secret = TcpListener::bind("127.0.0.1:7777").unwrap();
@@ -439,17 +431,13 @@ fn instances_cannot_reach_host_loopback_services() {
         assert!(dropped > 0, "the guard dropped the attempts: {guard}");
         drop(secret);
         nets.remove("n", true).unwrap();
-    })
-    .unwrap();
-    assert_eq!(host.isla_links(), Vec::<String>::new());
+    });
 }
 
 #[test]
 fn restore_after_a_reboot_and_concurrent_attaches() {
     let host = Netns::new("host");
-    let root = tempfile::tempdir().unwrap();
-    in_netns(&host.path, || {
-        let nets = Networks::open(root.path()).unwrap();
+    in_host(&host, |nets| {
         let net = nets.create(&NetworkSpec::new("n", Driver::Nat)).unwrap();
         // What a reboot does: the bridge and the rules are gone, the state remains.
         host.ip(&["link", "del", &net.bridge]);
@@ -478,9 +466,7 @@ fn restore_after_a_reboot_and_concurrent_attaches() {
         let enslaved = host.ip(&["-o", "link", "show", "master", &net.bridge]);
         assert_eq!(enslaved.lines().count(), 6, "{enslaved}");
         nets.remove("n", true).unwrap();
-    })
-    .unwrap();
-    assert_eq!(host.isla_links(), Vec::<String>::new());
+    });
 }
 
 /// Seed 004's exercise at the network layer: `web`..`web5`, each port 80 published on
@@ -490,9 +476,7 @@ fn five_web_servers_on_8080_to_8084() {
     let host = Netns::new("host");
     let names = ["web", "web2", "web3", "web4", "web5"];
     let inst: Vec<Netns> = names.iter().map(|n| Netns::new(n)).collect();
-    let root = tempfile::tempdir().unwrap();
-    in_netns(&host.path, || {
-        let nets = Networks::open(root.path()).unwrap();
+    in_host(&host, |nets| {
         nets.create(&NetworkSpec::new("compose", Driver::Nat)).unwrap();
         let mut servers = Vec::new();
         for (i, (name, ns)) in names.iter().zip(&inst).enumerate() {
@@ -529,8 +513,5 @@ fn five_web_servers_on_8080_to_8084() {
             nets.detach("compose", name).unwrap();
         }
         nets.remove("compose", false).unwrap();
-    })
-    .unwrap();
-    assert_eq!(host.isla_links(), Vec::<String>::new());
-    assert!(!host.nft_tables().contains("isla"));
+    });
 }
