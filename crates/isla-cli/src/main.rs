@@ -5,6 +5,7 @@ mod bench;
 mod disk;
 mod image;
 mod kit;
+mod network;
 mod peer;
 mod vmexec;
 
@@ -38,6 +39,8 @@ enum Cmd {
     Image(image::ImageArgs),
     /// Build an image from a Containerfile (same as `isla image build`).
     Build(image::BuildArgs),
+    /// Networks: bridges with NAT, bridged or host-only, for containers and microVMs.
+    Network(network::NetworkArgs),
 }
 
 #[derive(Subcommand)]
@@ -184,6 +187,7 @@ fn main() -> ExitCode {
         Cmd::Disk(d) => disk::run(d),
         Cmd::Image(a) => image::run(a).map(|()| 0),
         Cmd::Build(a) => image::build(a).map(|()| 0),
+        Cmd::Network(a) => network::run(a).map(|()| 0),
     };
     match result {
         Ok(code) => ExitCode::from(code as u8),
