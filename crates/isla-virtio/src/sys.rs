@@ -133,3 +133,11 @@ pub(crate) fn resident_pages(ptr: *const u8, len: usize) -> io::Result<Vec<bool>
     check(unsafe { libc::mincore(ptr as *mut c_void, len, vec.as_mut_ptr()) })?;
     Ok(vec.iter().map(|b| b & 1 != 0).collect())
 }
+
+/// Moves the calling thread into the network namespace at `path` (for tests).
+#[cfg(test)]
+pub(crate) fn enter_netns(path: &std::path::Path) -> io::Result<()> {
+    let f = std::fs::File::open(path)?;
+    // SAFETY: setns takes an fd we hold open and a flag; it only changes this thread's namespace.
+    check(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) })
+}
