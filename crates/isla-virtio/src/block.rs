@@ -183,10 +183,12 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let (queue, evt) = ctx.queues.into_iter().zip(ctx.queue_evts).next().ok_or(ActivateError::BadQueue {
-            index: 0,
-            reason: "missing".into(),
-        })?;
+        let (queue, evt) = ctx
+            .queues
+            .into_iter()
+            .zip(ctx.queue_evts)
+            .next()
+            .ok_or(ActivateError::BadQueue { index: 0, reason: "missing".into() })?;
         if !virtio_queue::QueueT::ready(&queue) {
             return Err(ActivateError::BadQueue { index: 0, reason: "not enabled".into() });
         }

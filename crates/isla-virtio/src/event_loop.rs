@@ -131,7 +131,11 @@ impl EventLoopHandle {
     pub fn modify(&self, token: Token, events: u32) -> io::Result<()> {
         let fd = lock(&self.inner.handlers).get(&token.0).map(|e| e.fd);
         let Some(fd) = fd else { return Err(io::Error::from(io::ErrorKind::NotFound)) };
-        self.inner.epoll.ctl(ControlOperation::Modify, fd, EpollEvent::new(EventSet::from_bits_truncate(events), token.0))
+        self.inner.epoll.ctl(
+            ControlOperation::Modify,
+            fd,
+            EpollEvent::new(EventSet::from_bits_truncate(events), token.0),
+        )
     }
 
     /// Stops watching; the handler is dropped (after its current call, if one is running).

@@ -67,10 +67,12 @@ impl VirtioDevice for Rng {
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let (queue, evt) = ctx.queues.into_iter().zip(ctx.queue_evts).next().ok_or(ActivateError::BadQueue {
-            index: 0,
-            reason: "missing".into(),
-        })?;
+        let (queue, evt) = ctx
+            .queues
+            .into_iter()
+            .zip(ctx.queue_evts)
+            .next()
+            .ok_or(ActivateError::BadQueue { index: 0, reason: "missing".into() })?;
         let limiter = self.cfg.rate_limiter.as_ref().map(RateLimiter::new).transpose()?;
         let timer_fd = limiter.as_ref().map(|l| l.timer_fd());
         let kick_fd = evt.as_raw_fd();

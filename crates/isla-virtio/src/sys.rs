@@ -125,6 +125,7 @@ pub(crate) fn discard_host_range(ptr: *mut u8, len: usize, shared_file: bool) ->
     check(unsafe { libc::madvise(ptr as *mut c_void, len, advice) })
 }
 
+#[cfg(test)]
 /// Which pages of `[ptr, ptr + len)` are resident (`mincore`); `ptr` page-aligned.
 pub(crate) fn resident_pages(ptr: *const u8, len: usize) -> io::Result<Vec<bool>> {
     let page = 4096;

@@ -82,8 +82,12 @@ impl TestGuest {
         file.write_all_at(&guard, 0).expect("guard");
         file.write_all_at(&guard, (GUARD + MEM_SIZE) as u64).expect("guard");
         let dup = file.try_clone().expect("dup memfd");
-        let mem = GuestMemory::from_ranges_with_files([(GuestAddress(0), MEM_SIZE, Some(FileOffset::new(dup, GUARD as u64)))])
-            .expect("guest memory");
+        let mem = GuestMemory::from_ranges_with_files([(
+            GuestAddress(0),
+            MEM_SIZE,
+            Some(FileOffset::new(dup, GUARD as u64)),
+        )])
+        .expect("guest memory");
         Self::with_memory(device, mem, Some(file))
     }
 
@@ -300,10 +304,7 @@ impl TestGuest {
         let mut i = dq.used_seen;
         while i != now {
             let e = self.read(dq.used + 4 + u64::from(i % dq.size) * 8, 8);
-            out.push((
-                u32::from_le_bytes([e[0], e[1], e[2], e[3]]),
-                u32::from_le_bytes([e[4], e[5], e[6], e[7]]),
-            ));
+            out.push((u32::from_le_bytes([e[0], e[1], e[2], e[3]]), u32::from_le_bytes([e[4], e[5], e[6], e[7]])));
             i = i.wrapping_add(1);
         }
         self.queues[usize::from(q)].used_seen = now;

@@ -100,7 +100,8 @@ impl Header {
 
     /// Decodes a header.
     pub fn from_bytes(b: &[u8; HDR_LEN]) -> Self {
-        let u64_at = |i: usize| u64::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3], b[i + 4], b[i + 5], b[i + 6], b[i + 7]]);
+        let u64_at =
+            |i: usize| u64::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3], b[i + 4], b[i + 5], b[i + 6], b[i + 7]]);
         let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
         let u16_at = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
         Header {
@@ -142,7 +143,10 @@ impl Vsock {
         if cfg.guest_cid < 3 {
             return Err(DeviceError::Config {
                 field: "guest_cid",
-                reason: format!("{} is reserved (0-2 are the hypervisor, local and host); use 3 or more", cfg.guest_cid),
+                reason: format!(
+                    "{} is reserved (0-2 are the hypervisor, local and host); use 3 or more",
+                    cfg.guest_cid
+                ),
             });
         }
         if let Ok(meta) = std::fs::symlink_metadata(&cfg.uds_path) {

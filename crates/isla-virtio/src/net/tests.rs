@@ -37,7 +37,8 @@ fn net_in(ns: &Netns, mrg: bool) -> Net {
     let path = ns.path();
     std::thread::spawn(move || {
         crate::sys::enter_netns(&path).unwrap();
-        let cfg = NetConfig { tap_name: "isla0".into(), mac: Some(GUEST_MAC), rx_rate_limiter: None, tx_rate_limiter: None };
+        let cfg =
+            NetConfig { tap_name: "isla0".into(), mac: Some(GUEST_MAC), rx_rate_limiter: None, tx_rate_limiter: None };
         let mut net = Net::new(cfg).unwrap();
         if !mrg {
             net.features &= !features::MRG_RXBUF;
@@ -165,7 +166,9 @@ fn frames_wait_for_receive_buffers_and_merge_across_them() {
     g.init(VIRTIO_F_VERSION_1 | features::MAC | features::MRG_RXBUF, &[16, 16]);
     // No receive buffers yet: the ARP reply waits in the device.
     send(&mut g, &arp_request());
-    g.wait_until("a frame read from the TAP", |_| dev.lock().unwrap().active.as_ref().is_some_and(|(w, _)| lock(w).rx_pending.is_some()));
+    g.wait_until("a frame read from the TAP", |_| {
+        dev.lock().unwrap().active.as_ref().is_some_and(|(w, _)| lock(w).rx_pending.is_some())
+    });
     assert!(g.take_used(0).is_empty());
     // Buffers of 32 bytes: the 12-byte header and a 42-byte ARP reply (or more) need 2 or more.
     let mut addrs = Vec::new();
