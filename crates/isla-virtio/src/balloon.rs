@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::event_loop::{Registrations, EV_IN};
+use crate::event_loop::{deactivate, Activation, DeviceWorker, Registrations, EV_IN};
 use crate::queue::{fail, Chain, VirtQueue};
 use crate::{
     lock, read_config_bytes, sys, ActivateContext, ActivateError, GuestMemory, Interrupt, VirtioDevice,
@@ -161,7 +161,7 @@ pub struct Balloon {
     features: u64,
     stats_interval: u16,
     shared: Arc<Mutex<Shared>>,
-    active: Option<(Arc<Mutex<Worker>>, Registrations)>,
+    active: Option<Activation<Worker>>,
 }
 
 impl Balloon {
@@ -296,15 +296,12 @@ impl VirtioDevice for Balloon {
             w.on_stats();
             w.on_reporting();
         }
-        self.active = Some((worker, regs));
+        self.active = Some(Activation::new(worker, regs));
         Ok(())
     }
 
     fn reset(&mut self) -> bool {
-        if let Some((worker, regs)) = self.active.take() {
-            lock(&worker).active = false;
-            drop(regs);
-        }
+        deactivate(&mut self.active);
         let mut s = lock(&self.shared);
         s.interrupt = None;
         s.actual_pages = 0;
@@ -343,6 +340,12 @@ fn discard_guest_range(mem: &GuestMemory, addr: u64, len: u64) -> bool {
     }
 }
 
+impl DeviceWorker for Worker {
+    fn stop(&mut self) {
+        self.active = false;
+    }
+}
+
 impl Worker {
     fn running(&self) -> bool {
         self.active && !self.interrupt.needs_reset()
@@ -360,14 +363,10 @@ impl Worker {
         }
         let Some(q) = which(self) else { return };
         q.drain_kick();
-        let mem = self.mem.clone();
+        let (mem, interrupt) = (self.mem.clone(), self.interrupt.clone());
         loop {
             let Some(q) = which(self) else { return };
-            let chain = match q.pop(&mem) {
-                Ok(Some(c)) => c,
-                Ok(None) => break,
-                Err(e) => return fail("balloon", &self.interrupt, &e),
-            };
+            let Some(chain) = q.pop_or_fail(&mem, "balloon", &interrupt) else { break };
             if f(self, &chain) {
                 let Some(q) = which(self) else { return };
                 if let Err(e) = q.add_used(&mem, chain.head, 0) {

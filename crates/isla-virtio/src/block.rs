@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use isla_disk::{BlockBackend, Format, OpenOptions};
 use serde::Deserialize;
 
-use crate::event_loop::{Registrations, EV_IN};
+use crate::event_loop::{deactivate, Activation, DeviceWorker, Registrations};
 use crate::queue::{fail, Chain, VirtQueue};
 use crate::rate_limiter::{RateLimiter, RateLimiterConfig};
 use crate::{
@@ -97,7 +97,7 @@ pub struct Block {
     features: u64,
     id: [u8; ID_BYTES],
     rate_limiter: Option<RateLimiterConfig>,
-    active: Option<(Arc<Mutex<Worker>>, Registrations)>,
+    active: Option<Activation<Worker>>,
 }
 
 impl Block {
@@ -142,7 +142,7 @@ impl Block {
 
     /// True while the rate limiter holds requests back (for tests and metrics).
     pub fn is_throttled(&self) -> bool {
-        self.active.as_ref().is_some_and(|(w, _)| lock(w).limiter.as_ref().is_some_and(|l| l.is_blocked()))
+        self.active.as_ref().is_some_and(|a| lock(&a.worker).limiter.as_ref().is_some_and(|l| l.is_blocked()))
     }
 }
 
@@ -205,33 +205,15 @@ impl VirtioDevice for Block {
             active: true,
         }));
         let mut regs = Registrations::new(ctx.event_loop);
-        let (kick_fd, timer_fd) = {
-            let w = lock(&worker);
-            (std::os::fd::AsRawFd::as_raw_fd(&w.queue.evt), w.limiter.as_ref().map(|l| l.timer_fd()))
-        };
-        regs.add(kick_fd, EV_IN, &worker, |w, _| {
-            w.queue.drain_kick();
-            w.process();
-        })?;
-        if let Some(fd) = timer_fd {
-            regs.add(fd, EV_IN, &worker, |w, _| {
-                if let Some(l) = w.limiter.as_mut() {
-                    l.on_timer();
-                }
-                w.process();
-            })?;
-        }
+        regs.add_queue(&worker, |w| &mut w.queue, |w| w.limiter.as_mut(), Worker::process)?;
         // Requests made available before DRIVER_OK (or kicks lost before registration).
         lock(&worker).process();
-        self.active = Some((worker, regs));
+        self.active = Some(Activation::new(worker, regs));
         Ok(())
     }
 
     fn reset(&mut self) -> bool {
-        if let Some((worker, regs)) = self.active.take() {
-            lock(&worker).active = false;
-            drop(regs);
-        }
+        deactivate(&mut self.active);
         if let Err(e) = lock(&self.disk).flush() {
             tracing::warn!("virtio-blk: flush at reset: {e}");
         }
@@ -261,6 +243,12 @@ struct Request {
     status_at: u64,
 }
 
+impl DeviceWorker for Worker {
+    fn stop(&mut self) {
+        self.active = false;
+    }
+}
+
 impl Worker {
     fn process(&mut self) {
         if !self.active || self.interrupt.needs_reset() {
@@ -270,14 +258,7 @@ impl Worker {
             if self.limiter.as_ref().is_some_and(|l| l.is_blocked()) {
                 break;
             }
-            let chain = match self.queue.pop(&self.mem) {
-                Ok(Some(c)) => c,
-                Ok(None) => break,
-                Err(e) => {
-                    fail("blk", &self.interrupt, &e);
-                    break;
-                }
-            };
+            let Some(chain) = self.queue.pop_or_fail(&self.mem, "blk", &self.interrupt) else { break };
             let parsed = self.parse(&chain);
             if let (Some(l), Ok(r)) = (self.limiter.as_mut(), &parsed) {
                 let bytes = if matches!(r.kind, req::IN | req::OUT) { r.data_len } else { 0 };

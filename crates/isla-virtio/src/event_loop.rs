@@ -20,6 +20,8 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::lock;
+use crate::queue::VirtQueue;
+use crate::rate_limiter::RateLimiter;
 
 /// Readable (`EPOLLIN`).
 pub const EV_IN: u32 = libc::EPOLLIN as u32;
@@ -183,12 +185,66 @@ impl Registrations {
         fd: RawFd,
         events: u32,
         worker: &Arc<Mutex<W>>,
-        f: fn(&mut W, u32),
+        f: impl Fn(&mut W, u32) + Send + 'static,
     ) -> io::Result<Token> {
         let w = worker.clone();
         let token = self.handle.add(fd, events, Box::new(move |ev| f(&mut lock(&w), ev)))?;
         self.tokens.push(token);
         Ok(token)
+    }
+
+    /// Registers a queue's kick EventFd and, with a rate limiter, its timer: both run `process`
+    /// (the kick after draining the EventFd, the timer after unblocking the limiter).
+    pub(crate) fn add_queue<W: Send + 'static>(
+        &mut self,
+        worker: &Arc<Mutex<W>>,
+        queue: fn(&mut W) -> &mut VirtQueue,
+        limiter: fn(&mut W) -> Option<&mut RateLimiter>,
+        process: fn(&mut W),
+    ) -> io::Result<()> {
+        let (kick_fd, timer_fd) = {
+            let mut w = lock(worker);
+            (queue(&mut w).evt.as_raw_fd(), limiter(&mut w).map(|l| l.timer_fd()))
+        };
+        self.add(kick_fd, EV_IN, worker, move |w, _| {
+            queue(w).drain_kick();
+            process(w);
+        })?;
+        if let Some(fd) = timer_fd {
+            self.add(fd, EV_IN, worker, move |w, _| {
+                if let Some(l) = limiter(w) {
+                    l.on_timer();
+                }
+                process(w);
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// A device worker that can be told to stop touching its queues.
+pub(crate) trait DeviceWorker: Send + 'static {
+    /// Called at reset, under the worker's lock; afterwards no handler may use the queues.
+    fn stop(&mut self);
+}
+
+/// A running device: its worker and the worker's registrations.
+pub(crate) struct Activation<W: DeviceWorker> {
+    pub(crate) worker: Arc<Mutex<W>>,
+    _regs: Registrations,
+}
+
+impl<W: DeviceWorker> Activation<W> {
+    pub(crate) fn new(worker: Arc<Mutex<W>>, regs: Registrations) -> Self {
+        Activation { worker, _regs: regs }
+    }
+}
+
+/// Stops a device's worker (if running) and removes its handlers.
+pub(crate) fn deactivate<W: DeviceWorker>(active: &mut Option<Activation<W>>) {
+    if let Some(a) = active.take() {
+        lock(&a.worker).stop();
+        // Dropping `a` removes the registrations.
     }
 }
 

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
 
-use crate::event_loop::{Registrations, EV_EDGE, EV_IN};
+use crate::event_loop::{deactivate, Activation, DeviceWorker, Registrations, EV_EDGE, EV_IN};
 use crate::queue::{fail, VirtQueue};
 use crate::rate_limiter::{RateLimiter, RateLimiterConfig};
 use crate::tap::{Tap, VNET_HDR_LEN};
@@ -73,7 +73,7 @@ pub struct Net {
     tap: Arc<Tap>,
     features: u64,
     config_space: [u8; 6],
-    active: Option<(Arc<Mutex<Worker>>, Registrations)>,
+    active: Option<Activation<Worker>>,
 }
 
 impl Net {
@@ -160,12 +160,6 @@ impl VirtioDevice for Net {
         self.tap.set_offload(tap_offloads(ctx.acked_features))?;
         let rx_limiter = self.cfg.rx_rate_limiter.as_ref().map(RateLimiter::new).transpose()?;
         let tx_limiter = self.cfg.tx_rate_limiter.as_ref().map(RateLimiter::new).transpose()?;
-        let fds = (
-            rxe.as_raw_fd(),
-            txe.as_raw_fd(),
-            rx_limiter.as_ref().map(|l| l.timer_fd()),
-            tx_limiter.as_ref().map(|l| l.timer_fd()),
-        );
         let worker = Arc::new(Mutex::new(Worker {
             mem: ctx.mem,
             interrupt: ctx.interrupt,
@@ -183,44 +177,19 @@ impl VirtioDevice for Net {
         }));
         let mut regs = Registrations::new(ctx.event_loop);
         regs.add(self.tap.as_raw_fd(), EV_IN | EV_EDGE, &worker, |w, _| w.process_rx())?;
-        regs.add(fds.0, EV_IN, &worker, |w, _| {
-            w.rx.drain_kick();
-            w.process_rx();
-        })?;
-        regs.add(fds.1, EV_IN, &worker, |w, _| {
-            w.tx.drain_kick();
-            w.process_tx();
-        })?;
-        if let Some(fd) = fds.2 {
-            regs.add(fd, EV_IN, &worker, |w, _| {
-                if let Some(l) = w.rx_limiter.as_mut() {
-                    l.on_timer();
-                }
-                w.process_rx();
-            })?;
-        }
-        if let Some(fd) = fds.3 {
-            regs.add(fd, EV_IN, &worker, |w, _| {
-                if let Some(l) = w.tx_limiter.as_mut() {
-                    l.on_timer();
-                }
-                w.process_tx();
-            })?;
-        }
+        regs.add_queue(&worker, |w| &mut w.rx, |w| w.rx_limiter.as_mut(), Worker::process_rx)?;
+        regs.add_queue(&worker, |w| &mut w.tx, |w| w.tx_limiter.as_mut(), Worker::process_tx)?;
         {
             let mut w = lock(&worker);
             w.process_tx();
             w.process_rx();
         }
-        self.active = Some((worker, regs));
+        self.active = Some(Activation::new(worker, regs));
         Ok(())
     }
 
     fn reset(&mut self) -> bool {
-        if let Some((worker, regs)) = self.active.take() {
-            lock(&worker).active = false;
-            drop(regs);
-        }
+        deactivate(&mut self.active);
         true
     }
 }
@@ -241,7 +210,7 @@ pub struct NetStats {
 impl Net {
     /// Frame counters of the current activation.
     pub fn stats(&self) -> NetStats {
-        self.active.as_ref().map(|(w, _)| lock(w).stats).unwrap_or_default()
+        self.active.as_ref().map(|a| lock(&a.worker).stats).unwrap_or_default()
     }
 }
 
@@ -268,6 +237,12 @@ enum Delivery {
     Done,
     NoBuffers,
     Failed,
+}
+
+impl DeviceWorker for Worker {
+    fn stop(&mut self) {
+        self.active = false;
+    }
 }
 
 impl Worker {
@@ -374,14 +349,7 @@ impl Worker {
             if self.tx_limiter.as_ref().is_some_and(|l| l.is_blocked()) {
                 break;
             }
-            let chain = match self.tx.pop(&self.mem) {
-                Ok(Some(c)) => c,
-                Ok(None) => break,
-                Err(e) => {
-                    fail("net", &self.interrupt, &e);
-                    break;
-                }
-            };
+            let Some(chain) = self.tx.pop_or_fail(&self.mem, "net", &self.interrupt) else { break };
             let len = chain.readable_len() as usize;
             let well_formed = chain.writable.is_empty() && len > VNET_HDR_LEN && len <= MAX_FRAME;
             if well_formed {

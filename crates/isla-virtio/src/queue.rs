@@ -192,6 +192,17 @@ impl VirtQueue {
         pop_chain(&mut self.queue, mem)
     }
 
+    /// [`pop`](Self::pop), declaring the device broken (see [`fail`]) on a queue error.
+    pub fn pop_or_fail(&mut self, mem: &GuestMemory, device: &str, interrupt: &Arc<Interrupt>) -> Option<Chain> {
+        match self.pop(mem) {
+            Ok(c) => c,
+            Err(e) => {
+                fail(device, interrupt, &e);
+                None
+            }
+        }
+    }
+
     /// Puts the last popped chain back (it will be popped again).
     pub fn undo_pop(&mut self) {
         self.queue.go_to_previous_position();

@@ -5,12 +5,11 @@
 //! chain with readable buffers is answered with zero bytes written. With a rate limiter, each
 //! chain takes one operation and the bytes it will receive.
 
-use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
 
-use crate::event_loop::{Registrations, EV_IN};
+use crate::event_loop::{deactivate, Activation, DeviceWorker, Registrations};
 use crate::queue::{fail, VirtQueue};
 use crate::rate_limiter::{RateLimiter, RateLimiterConfig};
 use crate::{lock, ActivateContext, ActivateError, GuestMemory, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
@@ -32,7 +31,7 @@ pub struct RngConfig {
 /// The virtio-rng device.
 pub struct Rng {
     cfg: RngConfig,
-    active: Option<(Arc<Mutex<Worker>>, Registrations)>,
+    active: Option<Activation<Worker>>,
 }
 
 impl Rng {
@@ -43,7 +42,7 @@ impl Rng {
 
     /// True while the rate limiter holds requests back (waits for a running batch to finish).
     pub fn is_throttled(&self) -> bool {
-        self.active.as_ref().is_some_and(|(w, _)| lock(w).limiter.as_ref().is_some_and(|l| l.is_blocked()))
+        self.active.as_ref().is_some_and(|a| lock(&a.worker).limiter.as_ref().is_some_and(|l| l.is_blocked()))
     }
 }
 
@@ -74,8 +73,6 @@ impl VirtioDevice for Rng {
             .next()
             .ok_or(ActivateError::BadQueue { index: 0, reason: "missing".into() })?;
         let limiter = self.cfg.rate_limiter.as_ref().map(RateLimiter::new).transpose()?;
-        let timer_fd = limiter.as_ref().map(|l| l.timer_fd());
-        let kick_fd = evt.as_raw_fd();
         let worker = Arc::new(Mutex::new(Worker {
             mem: ctx.mem,
             interrupt: ctx.interrupt,
@@ -85,28 +82,14 @@ impl VirtioDevice for Rng {
             active: true,
         }));
         let mut regs = Registrations::new(ctx.event_loop);
-        regs.add(kick_fd, EV_IN, &worker, |w, _| {
-            w.queue.drain_kick();
-            w.process();
-        })?;
-        if let Some(fd) = timer_fd {
-            regs.add(fd, EV_IN, &worker, |w, _| {
-                if let Some(l) = w.limiter.as_mut() {
-                    l.on_timer();
-                }
-                w.process();
-            })?;
-        }
+        regs.add_queue(&worker, |w| &mut w.queue, |w| w.limiter.as_mut(), Worker::process)?;
         lock(&worker).process();
-        self.active = Some((worker, regs));
+        self.active = Some(Activation::new(worker, regs));
         Ok(())
     }
 
     fn reset(&mut self) -> bool {
-        if let Some((worker, regs)) = self.active.take() {
-            lock(&worker).active = false;
-            drop(regs);
-        }
+        deactivate(&mut self.active);
         true
     }
 }
@@ -120,6 +103,12 @@ struct Worker {
     active: bool,
 }
 
+impl DeviceWorker for Worker {
+    fn stop(&mut self) {
+        self.active = false;
+    }
+}
+
 impl Worker {
     fn process(&mut self) {
         if !self.active || self.interrupt.needs_reset() {
@@ -129,14 +118,7 @@ impl Worker {
             if self.limiter.as_ref().is_some_and(|l| l.is_blocked()) {
                 break;
             }
-            let chain = match self.queue.pop(&self.mem) {
-                Ok(Some(c)) => c,
-                Ok(None) => break,
-                Err(e) => {
-                    fail("rng", &self.interrupt, &e);
-                    break;
-                }
-            };
+            let Some(chain) = self.queue.pop_or_fail(&self.mem, "rng", &self.interrupt) else { break };
             let n = if chain.readable.is_empty() { chain.writable_len().min(MAX_FILL as u64) as usize } else { 0 };
             if let Some(l) = self.limiter.as_mut() {
                 if !l.consume(n as u64) {

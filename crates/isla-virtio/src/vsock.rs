@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use serde::Deserialize;
 
-use crate::event_loop::{Registrations, Token, EV_EDGE, EV_IN, EV_OUT, EV_RDHUP};
+use crate::event_loop::{deactivate, Activation, DeviceWorker, Registrations, Token, EV_EDGE, EV_IN, EV_OUT, EV_RDHUP};
 use crate::queue::{fail, Chain, VirtQueue};
 use crate::{
     lock, read_config_bytes, ActivateContext, ActivateError, DeviceError, EventLoopHandle, GuestMemory, Interrupt,
@@ -134,7 +134,7 @@ pub struct Vsock {
     cfg: VsockConfig,
     listener: Arc<UnixListener>,
     config_space: [u8; 8],
-    active: Option<(Arc<Mutex<Worker>>, Registrations)>,
+    active: Option<Activation<Worker>>,
 }
 
 impl Vsock {
@@ -164,7 +164,7 @@ impl Vsock {
 
     /// Open connections (for tests and metrics).
     pub fn connections(&self) -> usize {
-        self.active.as_ref().map_or(0, |(w, _)| lock(w).conns.len())
+        self.active.as_ref().map_or(0, |a| lock(&a.worker).conns.len())
     }
 }
 
@@ -240,21 +240,12 @@ impl VirtioDevice for Vsock {
             w.accept();
             w.process_tx();
         }
-        self.active = Some((worker, regs));
+        self.active = Some(Activation::new(worker, regs));
         Ok(())
     }
 
     fn reset(&mut self) -> bool {
-        if let Some((worker, regs)) = self.active.take() {
-            let mut w = lock(&worker);
-            w.active = false;
-            let ids: Vec<u64> = w.conns.keys().copied().collect();
-            for id in ids {
-                w.close(id);
-            }
-            drop(w);
-            drop(regs);
-        }
+        deactivate(&mut self.active);
         true
     }
 }
@@ -330,6 +321,16 @@ struct Worker {
     data_ready: VecDeque<u64>,
     buf: Vec<u8>,
     active: bool,
+}
+
+impl DeviceWorker for Worker {
+    fn stop(&mut self) {
+        self.active = false;
+        let ids: Vec<u64> = self.conns.keys().copied().collect();
+        for id in ids {
+            self.close(id);
+        }
+    }
 }
 
 impl Worker {
@@ -537,14 +538,7 @@ impl Worker {
             if self.control.is_empty() && self.data_ready.is_empty() {
                 break;
             }
-            let chain = match self.rx.pop(&self.mem) {
-                Ok(Some(c)) => c,
-                Ok(None) => break,
-                Err(e) => {
-                    fail("vsock", &self.interrupt, &e);
-                    return;
-                }
-            };
+            let Some(chain) = self.rx.pop_or_fail(&self.mem, "vsock", &self.interrupt) else { break };
             let room = chain.writable_len();
             if room < HDR_LEN as u64 || !chain.readable.is_empty() {
                 // Not a receive buffer: give it back empty.
@@ -621,15 +615,7 @@ impl Worker {
         if !self.running() {
             return;
         }
-        loop {
-            let chain = match self.tx.pop(&self.mem) {
-                Ok(Some(c)) => c,
-                Ok(None) => break,
-                Err(e) => {
-                    fail("vsock", &self.interrupt, &e);
-                    return;
-                }
-            };
+        while let Some(chain) = self.tx.pop_or_fail(&self.mem, "vsock", &self.interrupt) {
             self.handle_packet(&chain);
             if let Err(e) = self.tx.add_used(&self.mem, chain.head, 0) {
                 fail("vsock", &self.interrupt, &e);

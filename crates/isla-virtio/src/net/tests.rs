@@ -167,7 +167,7 @@ fn frames_wait_for_receive_buffers_and_merge_across_them() {
     // No receive buffers yet: the ARP reply waits in the device.
     send(&mut g, &arp_request());
     g.wait_until("a frame read from the TAP", |_| {
-        dev.lock().unwrap().active.as_ref().is_some_and(|(w, _)| lock(w).rx_pending.is_some())
+        dev.lock().unwrap().active.as_ref().is_some_and(|a| lock(&a.worker).rx_pending.is_some())
     });
     assert!(g.take_used(0).is_empty());
     // Buffers of 32 bytes: the 12-byte header and a 42-byte ARP reply (or more) need 2 or more.
