@@ -8,12 +8,14 @@
 //! monitor's.
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, FileOffset, GuestAddress};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::mmio::{reg, status};
@@ -66,6 +68,7 @@ pub struct TestGuest {
     pub irq: EventFd,
     /// The event loop's handle.
     pub event_loop: EventLoopHandle,
+    irq_epoll: Epoll,
     thread: Option<JoinHandle<()>>,
     backing: Option<File>,
     queues: Vec<DriverQueue>,
@@ -102,6 +105,8 @@ impl TestGuest {
         let thread = std::thread::Builder::new().name("isla-io-test".into()).spawn(move || el.run()).expect("thread");
         let irq = EventFd::new(libc::EFD_NONBLOCK).expect("irqfd");
         let interrupt = Arc::new(Interrupt::new(irq.try_clone().expect("irqfd clone")));
+        let irq_epoll = Epoll::new().expect("epoll");
+        irq_epoll.ctl(ControlOperation::Add, irq.as_raw_fd(), EpollEvent::new(EventSet::IN, 0)).expect("epoll add");
         let transport = MmioTransport::new(mem.clone(), device, interrupt.clone(), handle.clone()).expect("transport");
         TestGuest {
             mem,
@@ -109,6 +114,7 @@ impl TestGuest {
             interrupt,
             irq,
             event_loop: handle,
+            irq_epoll,
             thread: Some(thread),
             backing,
             queues: Vec::new(),
@@ -321,9 +327,17 @@ impl TestGuest {
                 break;
             }
             assert!(Instant::now() < deadline, "queue {q}: {} of {n} used entries after {WAIT:?}", got.len());
-            std::thread::sleep(Duration::from_millis(1));
+            self.wait_irq();
         }
         got
+    }
+
+    /// Waits up to a millisecond for the device's interrupt, consuming it.
+    fn wait_irq(&self) {
+        let mut ev = [EpollEvent::default()];
+        if matches!(self.irq_epoll.wait(1, &mut ev), Ok(n) if n > 0) {
+            let _ = self.irq.read();
+        }
     }
 
     /// Polls `cond` until true; panics after [`WAIT`] naming `what`.
