@@ -224,8 +224,9 @@ pub fn handle(req: &Request) -> Response {
 
 fn exec(argv: &[String], env: &[String], stdin: &str, timeout_s: u64) -> Result<ExecResult, String> {
     let (prog, args) = argv.split_first().ok_or("exec: empty argv")?;
-    let mut cmd = Command::new(prog);
-    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let resolved = program(prog);
+    let mut cmd = Command::new(&resolved[0]);
+    cmd.args(&resolved[1..]).args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
     cmd.stdin(if stdin.is_empty() { Stdio::null() } else { Stdio::piped() });
     for kv in env {
         let (k, v) = kv.split_once('=').ok_or_else(|| format!("exec: environment entry {kv:?} has no '='"))?;
@@ -267,6 +268,19 @@ fn exec(argv: &[String], env: &[String], stdin: &str, timeout_s: u64) -> Result<
         stderr: String::from_utf8_lossy(&err.0).into_owned(),
         duration_ms: start.elapsed().as_millis() as u64,
     })
+}
+
+/// `prog` as given, or, for a bare name that is not in PATH, busybox's applet of that name (the
+/// guest kit's initramfs has busybox without its applet links).
+fn program(prog: &str) -> Vec<String> {
+    const BUSYBOX: &str = "/bin/busybox";
+    let in_path = |dir: &str| Path::new(dir).join(prog).exists();
+    let path = std::env::var("PATH").unwrap_or_else(|_| "/bin:/sbin:/usr/bin:/usr/sbin".into());
+    if prog.contains('/') || path.split(':').any(in_path) || !Path::new(BUSYBOX).exists() {
+        vec![prog.to_string()]
+    } else {
+        vec![BUSYBOX.to_string(), prog.to_string()]
+    }
 }
 
 /// Reads a pipe to its end on a thread, keeping at most [`MAX_OUTPUT`] bytes.

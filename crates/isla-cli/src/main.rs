@@ -14,7 +14,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use isla_vmm::config::{parse_memory, ConsoleConfig, TemplateChoice};
+use isla_vmm::config::{
+    parse_balloon_arg, parse_memory, parse_vsock_arg, ConsoleConfig, DriveConfig, NetConfig, TemplateChoice,
+};
 use isla_vmm::VmConfig;
 
 #[derive(Parser)]
@@ -84,9 +86,30 @@ pub struct RunArgs {
     /// Guest memory: 128M, 1G, or a number of MiB.
     #[arg(long, default_value = "128M", conflicts_with = "config_file")]
     memory: String,
-    /// Firecracker JSON configuration (boot-source, drives, machine-config, network-interfaces).
+    /// Firecracker JSON configuration (boot-source, drives, machine-config, network-interfaces,
+    /// vsock, balloon, entropy).
     #[arg(long)]
     config_file: Option<PathBuf>,
+    /// A virtio block device: PATH[,ro][,id=NAME] (raw or qcow2; repeatable).
+    #[arg(long, value_name = "PATH[,ro][,id=NAME]")]
+    disk: Vec<String>,
+    /// Boot from this ext4 (or other) disk image as /dev/vda: PATH[,ro]. Without --initrd, the
+    /// guest kit's initramfs is then left out.
+    #[arg(long, value_name = "PATH[,ro]")]
+    rootfs: Option<String>,
+    /// A virtio network interface on a host TAP device (created if missing): TAP[,mac=MAC].
+    #[arg(long, value_name = "TAP[,mac=MAC]")]
+    net: Vec<String>,
+    /// A virtio-vsock device; the host side listens on this unix socket (Firecracker's hybrid
+    /// vsock: write `CONNECT <port>` after connecting): UDS[,cid=N].
+    #[arg(long, value_name = "UDS[,cid=N]")]
+    vsock: Option<String>,
+    /// A virtio-balloon device: MIB[,deflate-on-oom][,stats=SECONDS][,reporting].
+    #[arg(long, value_name = "MIB[,...]")]
+    balloon: Option<String>,
+    /// Leave out the virtio-rng entropy device.
+    #[arg(long)]
+    no_entropy: bool,
     /// CPU template: auto (baseline on nested hosts, host elsewhere), host, or baseline.
     #[arg(long, default_value = "auto")]
     cpu_template: String,
@@ -126,7 +149,7 @@ impl RunArgs {
                     }
                 };
                 let mut c = VmConfig::new(kernel);
-                c.initrd = self.initrd.clone().or(default_initrd);
+                c.initrd = self.initrd.clone().or(default_initrd.filter(|_| self.rootfs.is_none()));
                 if let Some(s) = &self.cmdline {
                     c.cmdline = s.clone();
                 }
@@ -135,12 +158,23 @@ impl RunArgs {
                 c
             }
         };
-        if !cfg.drives.is_empty() || !cfg.net.is_empty() {
-            let what = if cfg.drives.is_empty() { "network-interfaces" } else { "drives" };
-            anyhow::bail!(
-                "{what}: the configuration is valid, but virtio block and network devices are not in this build of isla yet; remove `{what}` to boot without them"
-            );
+        if let Some(r) = &self.rootfs {
+            cfg.drives.insert(0, DriveConfig::parse_arg(r, true)?);
         }
+        for d in &self.disk {
+            cfg.drives.push(DriveConfig::parse_arg(d, false)?);
+        }
+        let first_net = cfg.net.len();
+        for (i, n) in self.net.iter().enumerate() {
+            cfg.net.push(NetConfig::parse_arg(n, first_net + i)?);
+        }
+        if let Some(v) = &self.vsock {
+            cfg.vsock = Some(parse_vsock_arg(v)?);
+        }
+        if let Some(b) = &self.balloon {
+            cfg.balloon = Some(parse_balloon_arg(b)?);
+        }
+        cfg.entropy &= !self.no_entropy;
         cfg.cpu_template = self.cpu_template.parse::<TemplateChoice>()?;
         cfg.console = self.console.parse::<ConsoleConfig>()?;
         cfg.stop_on_console = self.stop_on_console.clone();

@@ -48,7 +48,7 @@ pub mod features {
 }
 
 /// The balloon's configuration.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BalloonConfig {
     /// Initial target size of the balloon.

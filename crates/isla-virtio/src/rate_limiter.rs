@@ -24,7 +24,8 @@ pub struct TokenBucketConfig {
     /// Extra tokens usable once, before the bucket.
     #[serde(default)]
     pub one_time_burst: u64,
-    /// Time to refill the whole bucket, in milliseconds.
+    /// Time to refill the whole bucket, in milliseconds (`refill_time` in Firecracker's files).
+    #[serde(alias = "refill_time")]
     pub refill_time_ms: u64,
 }
 

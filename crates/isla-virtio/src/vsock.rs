@@ -120,7 +120,7 @@ impl Header {
 }
 
 /// The vsock device's configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VsockConfig {
     /// The guest's context ID (3 or more).

@@ -10,6 +10,7 @@ use isla_arch::acpi::{self, AcpiConfig};
 use isla_arch::boot::{self, BootParamsConfig};
 use isla_arch::cpuid::{self, features};
 use isla_arch::layout::*;
+use isla_virtio::EventLoop;
 use kvm_bindings::{
     kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region, KVM_CAP_EXIT_ON_EMULATION_FAILURE,
     KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
@@ -26,6 +27,7 @@ use crate::profile::{ProfileReport, Symbols};
 use crate::report::RunReport;
 use crate::state::VmShared;
 use crate::vcpu::{self, Vcpu};
+use crate::virtio::{self, VirtioDevices};
 use crate::{host, kvm_err, VmmError};
 
 /// Logged (at info level) once every vCPU thread has started: the monitor is ready and the guest
@@ -79,7 +81,13 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::Setup(format!("eventfd: {e}")))?;
     vm.register_irqfd(&serial_irq, COM1_IRQ).map_err(kvm_err("KVM_IRQFD"))?;
     let console = Console::new(console_sink(&cfg.console)?, shared.clone(), cfg.stop_on_console.clone());
-    let devices = Arc::new(Devices::new(shared.clone(), serial_irq, console));
+    let (event_loop, io) = EventLoop::new().map_err(|e| VmmError::Setup(format!("event loop: {e}")))?;
+    let virtio = VirtioDevices::create(&vm, &mem, cfg, &io)?;
+    let io_thread = std::thread::Builder::new()
+        .name("isla-io".into())
+        .spawn(move || event_loop.run())
+        .map_err(|e| VmmError::Setup(format!("device thread: {e}")))?;
+    let devices = Arc::new(Devices::new(shared.clone(), serial_irq, console, virtio));
 
     let nested = host::is_nested_pvm();
     let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
@@ -115,6 +123,15 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     }
 
     let mut cmdline = cfg.cmdline.clone();
+    let acpi_off = virtio::acpi_disabled(&cmdline);
+    if acpi_off {
+        added_args.extend(devices.virtio.cmdline_args());
+    }
+    if let Some(root) = &devices.virtio.root_arg {
+        if !cmdline.split_whitespace().any(|w| w.starts_with("root=")) {
+            added_args.push(root.clone());
+        }
+    }
     if nested {
         for arg in EMULATED_KERNEL_ARGS {
             let key = arg.split('=').next().unwrap_or(arg);
@@ -142,7 +159,8 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     mem.write_slice(&cmdline_bytes, GuestAddress(CMDLINE_START))
         .map_err(|e| VmmError::Setup(format!("command line: {e}")))?;
     boot::write_boot_tables(&mem).map_err(|e| VmmError::Setup(e.to_string()))?;
-    let rsdp = acpi::create_acpi_tables(&mem, &AcpiConfig { cpu_count: cfg.vcpus, virtio_mmio: Vec::new() })
+    let virtio_mmio = if acpi_off { Vec::new() } else { devices.virtio.acpi_devices() };
+    let rsdp = acpi::create_acpi_tables(&mem, &AcpiConfig { cpu_count: cfg.vcpus, virtio_mmio })
         .map_err(|e| VmmError::Setup(format!("ACPI tables: {e}")))?;
     let setup_data = boot::write_rng_seed(&mem, &host::random_seed()?).map_err(|e| VmmError::Setup(e.to_string()))?;
     let params = boot::build_boot_params(&BootParamsConfig {
@@ -197,6 +215,8 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     for t in threads.into_iter().filter(|t| t.is_finished()) {
         let _ = t.join();
     }
+    io.stop();
+    let _ = io_thread.join();
     shared.measure_memory("exit");
     if let Ok(mut s) = devices.serial.lock() {
         let _ = s.writer_mut().flush();

@@ -9,6 +9,9 @@ use std::str::FromStr;
 
 use isla_arch::cpuid::CpuTemplate;
 use isla_arch::layout::CMDLINE_MAX_SIZE;
+pub use isla_virtio::balloon::BalloonConfig;
+pub use isla_virtio::rate_limiter::RateLimiterConfig;
+pub use isla_virtio::vsock::VsockConfig;
 
 /// Most vCPUs a microVM may have.
 pub const MAX_VCPUS: u8 = 32;
@@ -106,28 +109,158 @@ impl FromStr for ConsoleConfig {
     }
 }
 
-/// A block device from a Firecracker `drives` entry (kept typed; served once virtio-blk lands).
+/// A virtio block device (`--disk`, `--rootfs`, or a Firecracker `drives` entry).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DriveConfig {
-    /// Drive name.
+    /// Drive name (also the serial number the guest reads with GET_ID).
     pub id: String,
-    /// Backing file.
+    /// Backing file: raw or qcow2 (detected from its header).
     pub path: PathBuf,
     /// Root device (adds `root=/dev/vdX` to the command line).
     pub is_root: bool,
     /// Read-only.
     pub read_only: bool,
+    /// Bandwidth and operation limits.
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
-/// A network interface from a Firecracker `network-interfaces` entry.
+/// A virtio network interface on a host TAP device (`--net` or `network-interfaces`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetConfig {
     /// Interface name.
     pub id: String,
-    /// Host TAP device.
+    /// Host TAP device (created if it does not exist).
     pub host_dev: String,
-    /// Guest MAC address.
+    /// Guest MAC address, `xx:xx:xx:xx:xx:xx`.
     pub mac: Option<String>,
+    /// Limits on traffic to the guest.
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// Limits on traffic from the guest.
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// Splits `VALUE[,key[=value]]...` into the leading value and its options.
+fn split_opts(s: &str) -> (&str, Vec<(&str, Option<&str>)>) {
+    let mut parts = s.split(',');
+    let head = parts.next().unwrap_or_default();
+    (
+        head,
+        parts.filter(|p| !p.is_empty()).map(|p| p.split_once('=').map_or((p, None), |(k, v)| (k, Some(v)))).collect(),
+    )
+}
+
+fn unknown_opt(option: &'static str, key: &str, known: &str) -> ConfigError {
+    ConfigError::Invalid { option, reason: format!("unknown option `{key}` (known: {known})") }
+}
+
+impl DriveConfig {
+    /// Parses `--disk PATH[,ro][,id=NAME]` (`is_root` for `--rootfs`, which takes the same form).
+    pub fn parse_arg(s: &str, is_root: bool) -> Result<Self, ConfigError> {
+        let option = if is_root { "--rootfs" } else { "--disk" };
+        let (path, opts) = split_opts(s);
+        if path.is_empty() {
+            return Err(ConfigError::Invalid { option, reason: "expected PATH[,ro][,id=NAME]".into() });
+        }
+        let p = Path::new(path);
+        let default_id = if is_root {
+            "rootfs".to_string()
+        } else {
+            p.file_stem().map_or("disk".into(), |n| n.to_string_lossy().into_owned())
+        };
+        let mut d = DriveConfig { id: default_id, path: p.into(), is_root, read_only: false, rate_limiter: None };
+        for (k, v) in opts {
+            match (k, v) {
+                ("ro", None) => d.read_only = true,
+                ("rw", None) => d.read_only = false,
+                ("id", Some(v)) if !v.is_empty() && v.len() <= 20 => d.id = v.into(),
+                ("id", _) => return Err(ConfigError::Invalid { option, reason: "id: 1 to 20 characters".into() }),
+                _ => return Err(unknown_opt(option, k, "ro, rw, id=NAME")),
+            }
+        }
+        Ok(d)
+    }
+}
+
+impl NetConfig {
+    /// Parses `--net TAP[,mac=MAC][,id=NAME]`.
+    pub fn parse_arg(s: &str, index: usize) -> Result<Self, ConfigError> {
+        let (tap, opts) = split_opts(s);
+        let mut n = NetConfig {
+            id: format!("eth{index}"),
+            host_dev: tap.into(),
+            mac: None,
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
+        };
+        for (k, v) in opts {
+            match (k, v) {
+                ("mac", Some(m)) => {
+                    parse_mac(m, "--net mac")?;
+                    n.mac = Some(m.into());
+                }
+                ("id", Some(v)) if !v.is_empty() => n.id = v.into(),
+                _ => return Err(unknown_opt("--net", k, "mac=MAC, id=NAME")),
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// Parses `--vsock UDS[,cid=N]` (CID 3 unless given).
+pub fn parse_vsock_arg(s: &str) -> Result<VsockConfig, ConfigError> {
+    let (uds, opts) = split_opts(s);
+    if uds.is_empty() {
+        return Err(ConfigError::Invalid { option: "--vsock", reason: "expected UDS_PATH[,cid=N]".into() });
+    }
+    let mut v = VsockConfig { guest_cid: 3, uds_path: uds.into() };
+    for (k, val) in opts {
+        match (k, val.map(str::parse::<u32>)) {
+            ("cid", Some(Ok(c))) => v.guest_cid = c,
+            _ => return Err(unknown_opt("--vsock", k, "cid=N")),
+        }
+    }
+    Ok(v)
+}
+
+/// Parses `--balloon MIB[,deflate-on-oom][,stats=SECONDS][,reporting]`.
+pub fn parse_balloon_arg(s: &str) -> Result<BalloonConfig, ConfigError> {
+    let (mib, opts) = split_opts(s);
+    let amount_mib = mib.parse().map_err(|_| ConfigError::Invalid {
+        option: "--balloon",
+        reason: format!("`{mib}`: expected the balloon's size in MiB, e.g. --balloon 32,stats=1"),
+    })?;
+    let mut b = BalloonConfig { amount_mib, ..Default::default() };
+    for (k, v) in opts {
+        match (k, v.map(str::parse::<u16>)) {
+            ("deflate-on-oom", None) => b.deflate_on_oom = true,
+            ("reporting", None) => b.free_page_reporting = true,
+            ("stats", Some(Ok(secs))) => b.stats_polling_interval_s = secs,
+            _ => return Err(unknown_opt("--balloon", k, "deflate-on-oom, stats=SECONDS, reporting")),
+        }
+    }
+    Ok(b)
+}
+
+/// Parses a MAC address `xx:xx:xx:xx:xx:xx`; `option` names the setting in the error.
+pub fn parse_mac(s: &str, option: &'static str) -> Result<[u8; 6], ConfigError> {
+    let bad =
+        || ConfigError::Invalid { option, reason: format!("`{s}`: expected a MAC address like 06:00:ac:10:00:02") };
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        let p = parts.next().filter(|p| p.len() == 2).ok_or_else(bad)?;
+        *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    if mac[0] & 1 != 0 {
+        return Err(ConfigError::Invalid {
+            option,
+            reason: format!("`{s}` is a multicast address; the first byte must be even"),
+        });
+    }
+    Ok(mac)
 }
 
 /// Everything needed to build and boot one microVM.
@@ -151,6 +284,12 @@ pub struct VmConfig {
     pub drives: Vec<DriveConfig>,
     /// Network interfaces.
     pub net: Vec<NetConfig>,
+    /// A virtio-vsock device (host side: a unix socket, Firecracker's hybrid convention).
+    pub vsock: Option<VsockConfig>,
+    /// A virtio-balloon device.
+    pub balloon: Option<BalloonConfig>,
+    /// A virtio-rng device feeding the guest's `/dev/hwrng` from the host.
+    pub entropy: bool,
     /// Stop the VM (cleanly, status `stopped`) when the console prints this text.
     pub stop_on_console: Option<String>,
     /// Handle emulation failures with the instruction fallback (on by default; it only runs on an
@@ -173,6 +312,9 @@ impl VmConfig {
             console: ConsoleConfig::Stdio,
             drives: Vec::new(),
             net: Vec::new(),
+            vsock: None,
+            balloon: None,
+            entropy: true,
             stop_on_console: None,
             insn_fallback: true,
             profile_interval: None,
@@ -211,6 +353,7 @@ impl VmConfig {
             return Err(ConfigError::Invalid { option: "--cmdline", reason: "contains a NUL byte".into() });
         }
         KernelFormat::detect(&self.kernel)?;
+        self.validate_devices()?;
         if let Some(initrd) = &self.initrd {
             let meta = std::fs::metadata(initrd).map_err(|e| file_err("--initrd", initrd, e))?;
             if !meta.is_file() {
@@ -218,6 +361,88 @@ impl VmConfig {
                     option: "--initrd",
                     path: initrd.clone(),
                     reason: "not a regular file".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl VmConfig {
+    /// Number of virtio devices this configuration asks for.
+    pub fn virtio_device_count(&self) -> usize {
+        self.drives.len()
+            + self.net.len()
+            + usize::from(self.vsock.is_some())
+            + usize::from(self.balloon.is_some())
+            + usize::from(self.entropy)
+    }
+
+    fn validate_devices(&self) -> Result<(), ConfigError> {
+        let max = isla_arch::acpi::MAX_VIRTIO_DEVICES;
+        if self.virtio_device_count() > max {
+            return Err(ConfigError::Invalid {
+                option: "devices",
+                reason: format!(
+                    "{} virtio devices: at most {max} fit (one interrupt line each)",
+                    self.virtio_device_count()
+                ),
+            });
+        }
+        if self.drives.iter().filter(|d| d.is_root).count() > 1 {
+            return Err(ConfigError::Invalid { option: "--rootfs", reason: "more than one root drive".into() });
+        }
+        for (i, d) in self.drives.iter().enumerate() {
+            let meta = std::fs::metadata(&d.path).map_err(|e| file_err("--disk", &d.path, e))?;
+            if meta.is_dir() {
+                return Err(ConfigError::File {
+                    option: "--disk",
+                    path: d.path.clone(),
+                    reason: "is a directory".into(),
+                });
+            }
+            if self.drives[..i].iter().any(|o| o.id == d.id) {
+                return Err(ConfigError::Invalid {
+                    option: "--disk",
+                    reason: format!("two drives are named `{}`", d.id),
+                });
+            }
+        }
+        for n in &self.net {
+            if n.host_dev.is_empty() || n.host_dev.len() > 15 || n.host_dev.contains(['/', ' ']) {
+                return Err(ConfigError::Invalid {
+                    option: "--net",
+                    reason: format!("`{}`: a TAP name is 1 to 15 characters, without '/' or spaces", n.host_dev),
+                });
+            }
+            if let Some(m) = &n.mac {
+                parse_mac(m, "--net mac")?;
+            }
+        }
+        if let Some(v) = &self.vsock {
+            if v.guest_cid < 3 || v.guest_cid == u32::MAX {
+                return Err(ConfigError::Invalid {
+                    option: "--vsock",
+                    reason: format!(
+                        "guest CID {}: 0-2 are reserved (hypervisor, local, host); use 3 or more",
+                        v.guest_cid
+                    ),
+                });
+            }
+            let dir = v.uds_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            if !dir.is_dir() {
+                return Err(ConfigError::File {
+                    option: "--vsock",
+                    path: v.uds_path.clone(),
+                    reason: "its directory does not exist".into(),
+                });
+            }
+        }
+        if let Some(b) = &self.balloon {
+            if u64::from(b.amount_mib) << 20 > self.memory {
+                return Err(ConfigError::Invalid {
+                    option: "--balloon",
+                    reason: format!("{} MiB is more than the guest's {} MiB", b.amount_mib, self.memory >> 20),
                 });
             }
         }
@@ -287,6 +512,47 @@ pub fn parse_memory(s: &str) -> Result<u64, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_arguments() {
+        let d = DriveConfig::parse_arg("/x/data.img,ro,id=data", false).unwrap();
+        assert_eq!((d.id.as_str(), d.read_only, d.is_root), ("data", true, false));
+        assert_eq!(DriveConfig::parse_arg("/x/root.ext4", true).unwrap().id, "rootfs");
+        assert!(DriveConfig::parse_arg("/x,bogus", false).unwrap_err().to_string().contains("unknown option `bogus`"));
+        assert!(DriveConfig::parse_arg("", false).is_err());
+        let n = NetConfig::parse_arg("isla-t1,mac=06:00:0a:00:00:02", 0).unwrap();
+        assert_eq!(
+            (n.id.as_str(), n.host_dev.as_str(), n.mac.as_deref()),
+            ("eth0", "isla-t1", Some("06:00:0a:00:00:02"))
+        );
+        assert!(NetConfig::parse_arg("t,mac=01:00:00:00:00:00", 0).unwrap_err().to_string().contains("multicast"));
+        assert!(NetConfig::parse_arg("t,mac=zz", 0).is_err());
+        let v = parse_vsock_arg("/run/v.sock,cid=7").unwrap();
+        assert_eq!((v.guest_cid, v.uds_path.as_path()), (7, Path::new("/run/v.sock")));
+        assert_eq!(parse_vsock_arg("/run/v.sock").unwrap().guest_cid, 3);
+        let b = parse_balloon_arg("32,deflate-on-oom,stats=1,reporting").unwrap();
+        assert_eq!(
+            (b.amount_mib, b.deflate_on_oom, b.stats_polling_interval_s, b.free_page_reporting),
+            (32, true, 1, true)
+        );
+        assert!(parse_balloon_arg("lots").unwrap_err().to_string().contains("in MiB"));
+    }
+
+    #[test]
+    fn device_validation() {
+        let mut c = VmConfig::new("/nonexistent-kernel");
+        c.vsock = Some(VsockConfig { guest_cid: 2, uds_path: "/tmp/v.sock".into() });
+        assert!(c.validate_devices().unwrap_err().to_string().contains("reserved"));
+        c.vsock = None;
+        c.balloon = Some(BalloonConfig { amount_mib: 4096, ..Default::default() });
+        assert!(c.validate_devices().unwrap_err().to_string().contains("more than the guest"));
+        c.balloon = None;
+        c.drives.push(DriveConfig::parse_arg("/nonexistent-disk", false).unwrap());
+        assert!(c.validate_devices().unwrap_err().to_string().contains("/nonexistent-disk"));
+        c.drives.clear();
+        c.net.push(NetConfig::parse_arg("a-name-much-too-long", 0).unwrap());
+        assert!(c.validate_devices().unwrap_err().to_string().contains("15 characters"));
+    }
 
     #[test]
     fn memory_sizes() {

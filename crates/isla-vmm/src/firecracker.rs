@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::config::{ConfigError, DriveConfig, NetConfig, TemplateChoice, VmConfig};
+use crate::config::{
+    BalloonConfig, ConfigError, DriveConfig, NetConfig, RateLimiterConfig, TemplateChoice, VmConfig, VsockConfig,
+};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -21,14 +23,14 @@ struct FcConfig {
     machine_config: Option<MachineConfig>,
     #[serde(rename = "network-interfaces", default)]
     network_interfaces: Vec<NetIface>,
+    balloon: Option<FcBalloon>,
+    vsock: Option<FcVsock>,
+    entropy: Option<FcEntropy>,
     // Firecracker sections that isla knows of but does not implement yet.
-    balloon: Option<Value>,
-    vsock: Option<Value>,
     logger: Option<Value>,
     metrics: Option<Value>,
     #[serde(rename = "mmds-config")]
     mmds_config: Option<Value>,
-    entropy: Option<Value>,
     #[serde(rename = "cpu-config")]
     cpu_config: Option<Value>,
 }
@@ -52,7 +54,36 @@ struct Drive {
     partuuid: Option<String>,
     cache_type: Option<String>,
     io_engine: Option<String>,
-    rate_limiter: Option<Value>,
+    rate_limiter: Option<RateLimiterConfig>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FcVsock {
+    guest_cid: u32,
+    uds_path: PathBuf,
+    /// Firecracker's device name; accepted, isla has one vsock device.
+    #[serde(default, rename = "vsock_id")]
+    _vsock_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FcBalloon {
+    amount_mib: u32,
+    #[serde(default)]
+    deflate_on_oom: bool,
+    #[serde(default)]
+    stats_polling_interval_s: u16,
+    #[serde(default)]
+    free_page_reporting: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FcEntropy {
+    #[serde(default)]
+    rate_limiter: Option<RateLimiterConfig>,
 }
 
 #[derive(Deserialize)]
@@ -74,8 +105,8 @@ struct NetIface {
     iface_id: String,
     host_dev_name: String,
     guest_mac: Option<String>,
-    rx_rate_limiter: Option<Value>,
-    tx_rate_limiter: Option<Value>,
+    rx_rate_limiter: Option<RateLimiterConfig>,
+    tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// Reads a Firecracker configuration file.
@@ -95,12 +126,9 @@ pub fn parse(text: &str, path: &Path) -> Result<VmConfig, ConfigError> {
         hint: hint.to_string(),
     };
     for (name, present) in [
-        ("balloon", fc.balloon.is_some()),
-        ("vsock", fc.vsock.is_some()),
         ("logger", fc.logger.is_some()),
         ("metrics", fc.metrics.is_some()),
         ("mmds-config", fc.mmds_config.is_some()),
-        ("entropy", fc.entropy.is_some()),
         ("cpu-config", fc.cpu_config.is_some()),
     ] {
         if present {
@@ -143,9 +171,6 @@ pub fn parse(text: &str, path: &Path) -> Result<VmConfig, ConfigError> {
         if d.partuuid.is_some() {
             return Err(unsupported(&field("partuuid"), "the root drive is /dev/vda"));
         }
-        if d.rate_limiter.is_some() {
-            return Err(unsupported(&field("rate_limiter"), "rate limiting comes with the block device work"));
-        }
         if let Some(c) = d.cache_type.filter(|c| c != "Unsafe") {
             return Err(unsupported(&field("cache_type"), &format!("`{c}`: only \"Unsafe\" for now")));
         }
@@ -158,19 +183,32 @@ pub fn parse(text: &str, path: &Path) -> Result<VmConfig, ConfigError> {
             path: d.path_on_host,
             is_root: d.is_root_device,
             read_only: d.is_read_only,
+            rate_limiter: d.rate_limiter,
         });
     }
     if roots > 1 {
         return Err(ConfigError::Invalid { option: "drives", reason: "more than one drive has is_root_device".into() });
     }
     for n in fc.network_interfaces {
-        if n.rx_rate_limiter.is_some() || n.tx_rate_limiter.is_some() {
-            return Err(unsupported(
-                &format!("network-interfaces[{}].rx/tx_rate_limiter", n.iface_id),
-                "rate limiting comes with the network device work",
-            ));
-        }
-        cfg.net.push(NetConfig { id: n.iface_id, host_dev: n.host_dev_name, mac: n.guest_mac });
+        cfg.net.push(NetConfig {
+            id: n.iface_id,
+            host_dev: n.host_dev_name,
+            mac: n.guest_mac,
+            rx_rate_limiter: n.rx_rate_limiter,
+            tx_rate_limiter: n.tx_rate_limiter,
+        });
+    }
+    cfg.vsock = fc.vsock.map(|v| VsockConfig { guest_cid: v.guest_cid, uds_path: v.uds_path });
+    cfg.balloon = fc.balloon.map(|b| BalloonConfig {
+        amount_mib: b.amount_mib,
+        deflate_on_oom: b.deflate_on_oom,
+        stats_polling_interval_s: b.stats_polling_interval_s,
+        free_page_reporting: b.free_page_reporting,
+    });
+    // Firecracker adds an entropy device only when the section is there; isla always does
+    // unless told otherwise, so the section is accepted (its rate limiter is not applied yet).
+    if let Some(FcEntropy { rate_limiter: Some(_) }) = fc.entropy {
+        return Err(unsupported("entropy.rate_limiter", "remove it; the entropy device is not rate limited yet"));
     }
     Ok(cfg)
 }
@@ -199,7 +237,8 @@ mod tests {
                 id: "rootfs".into(),
                 path: "hello-rootfs.ext4".into(),
                 is_root: true,
-                read_only: false
+                read_only: false,
+                rate_limiter: None,
             }]
         );
         assert!(c.net.is_empty());
@@ -234,10 +273,10 @@ mod tests {
 
     #[test]
     fn unsupported_features_are_refused_by_name() {
-        let e = parse(r#"{"boot-source":{"kernel_image_path":"k"},"balloon":{"amount_mib":1}}"#, p())
+        let e = parse(r#"{"boot-source":{"kernel_image_path":"k"},"logger":{"log_path":"x"}}"#, p())
             .unwrap_err()
             .to_string();
-        assert!(e.contains("`balloon` is not supported"), "{e}");
+        assert!(e.contains("`logger` is not supported"), "{e}");
         let e = parse(r#"{"boot-source":{"kernel_image_path":"k"},"machine-config":{"vcpu_count":1,"mem_size_mib":64,"cpu_template":"T2"}}"#, p())
             .unwrap_err()
             .to_string();
@@ -246,13 +285,35 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("machine-config.smt"), "{e}");
+    }
+
+    #[test]
+    fn devices_and_rate_limiters_in_firecracker_form() {
+        let c = parse(
+            r#"{"boot-source":{"kernel_image_path":"k"},
+                "drives":[{"drive_id":"d","path_on_host":"x","is_root_device":false,
+                  "rate_limiter":{"bandwidth":{"size":1048576,"one_time_burst":0,"refill_time":100},"ops":{"size":10,"refill_time":1000}}}],
+                "network-interfaces":[{"iface_id":"eth0","host_dev_name":"tap0","tx_rate_limiter":{"ops":{"size":5,"refill_time":10}}}],
+                "vsock":{"guest_cid":3,"uds_path":"/tmp/v.sock","vsock_id":"vsock0"},
+                "balloon":{"amount_mib":16,"deflate_on_oom":true,"stats_polling_interval_s":1},
+                "entropy":{}}"#,
+            p(),
+        )
+        .unwrap();
+        let rl = c.drives[0].rate_limiter.unwrap();
+        assert_eq!(rl.bandwidth.unwrap().refill_time_ms, 100);
+        assert_eq!(rl.ops.unwrap().size, 10);
+        assert_eq!(c.net[0].tx_rate_limiter.unwrap().ops.unwrap().size, 5);
+        assert_eq!(c.vsock.as_ref().unwrap().guest_cid, 3);
+        let b = c.balloon.as_ref().unwrap();
+        assert_eq!((b.amount_mib, b.deflate_on_oom, b.stats_polling_interval_s), (16, true, 1));
         let e = parse(
-            r#"{"boot-source":{"kernel_image_path":"k"},"drives":[{"drive_id":"d","path_on_host":"x","is_root_device":false,"rate_limiter":{}}]}"#,
+            r#"{"boot-source":{"kernel_image_path":"k"},"drives":[{"drive_id":"d","path_on_host":"x","is_root_device":false,"rate_limiter":{"bytes":{}}}]}"#,
             p(),
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("drives[d].rate_limiter"), "{e}");
+        assert!(e.contains("unknown field `bytes`"), "{e}");
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub mod profile;
 pub mod report;
 pub mod state;
 pub mod vcpu;
+pub mod virtio;
 
 use std::path::PathBuf;
 

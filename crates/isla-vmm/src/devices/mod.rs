@@ -13,6 +13,7 @@ use vm_superio::{I8042Device, Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::state::{GuestExit, VmShared};
+use crate::virtio::VirtioDevices;
 use crate::{host, lock};
 use console::Console;
 
@@ -45,6 +46,8 @@ pub struct Devices {
     /// COM1.
     pub serial: Mutex<SerialDevice>,
     i8042: Mutex<I8042Device<ResetTrigger>>,
+    /// The virtio-mmio devices.
+    pub virtio: VirtioDevices,
     shared: Arc<VmShared>,
 }
 
@@ -53,10 +56,11 @@ pub type Target = &'static str;
 
 impl Devices {
     /// Creates the devices; `serial_irq` is registered by the caller as the irqfd of COM1's GSI.
-    pub fn new(shared: Arc<VmShared>, serial_irq: EventFd, console: Console) -> Self {
+    pub fn new(shared: Arc<VmShared>, serial_irq: EventFd, console: Console, virtio: VirtioDevices) -> Self {
         Devices {
             serial: Mutex::new(Serial::new(IrqTrigger(serial_irq), console)),
             i8042: Mutex::new(I8042Device::new(ResetTrigger(shared.clone()))),
+            virtio,
             shared,
         }
     }
@@ -117,9 +121,9 @@ impl Devices {
     }
 
     /// MMIO read.
-    pub fn mmio_read(&self, _addr: u64, data: &mut [u8]) -> Target {
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> Target {
         data.fill(0xff);
-        "unclaimed"
+        self.virtio.read(addr, data).unwrap_or("unclaimed")
     }
 
     /// MMIO write.
@@ -138,7 +142,7 @@ impl Devices {
             }
             return "boot-timer";
         }
-        "unclaimed"
+        self.virtio.write(addr, data).unwrap_or("unclaimed")
     }
 }
 
@@ -158,7 +162,7 @@ mod tests {
         let shared = Arc::new(VmShared::new(0));
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let console = Console::new(Box::new(std::io::sink()), shared.clone(), None);
-        (Devices::new(shared.clone(), irq.try_clone().unwrap(), console), shared, irq)
+        (Devices::new(shared.clone(), irq.try_clone().unwrap(), console, VirtioDevices::default()), shared, irq)
     }
 
     #[test]

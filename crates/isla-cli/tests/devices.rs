@@ -1,0 +1,191 @@
+//! One real guest boot that exercises the virtio devices end to end (CI runs it as root with
+//! /dev/kvm): block (an ext4 file system the guest writes, and a qcow2 disk), network (a TAP in a
+//! network namespace this test creates, ping and a TCP transfer), vsock (every step goes through
+//! the in-guest agent, `isla vm exec`), and entropy (`/dev/hwrng`).
+
+mod common;
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A network namespace, deleted on drop.
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// The monitor process, killed on drop if it is still running.
+struct Vm(Child);
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn sh(args: &[&str]) {
+    let o = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+}
+
+/// `isla vm exec` of a shell command in the guest; returns (exit status, stdout).
+fn exec(uds: &Path, script: &str) -> (i32, String) {
+    let o = isla()
+        .args(["vm", "exec", "--timeout", "120", "--vsock"])
+        .arg(uds)
+        .args(["--", "sh", "-c", script])
+        .output()
+        .unwrap();
+    (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into_owned() + &stderr(&o))
+}
+
+/// Accepts one TCP connection inside the namespace and counts the bytes until the peer closes.
+fn receive_in_netns(ns: &str, addr: &'static str) -> std::thread::JoinHandle<usize> {
+    let ns_file = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let t = std::thread::spawn(move || {
+        // SAFETY: setns on this thread only (a fresh thread, not shared with other work).
+        assert_eq!(unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        let l = TcpListener::bind(addr).unwrap();
+        ready_tx.send(()).unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        let mut n = 0;
+        let mut buf = [0u8; 65536];
+        while let Ok(k) = s.read(&mut buf) {
+            if k == 0 || n >= 1 << 20 {
+                break;
+            }
+            n += k;
+        }
+        n
+    });
+    ready_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    t
+}
+
+fn wait_for(path: &Path, text: &str, timeout: Duration, vm: &mut Vm) -> String {
+    let start = Instant::now();
+    loop {
+        let s = std::fs::read_to_string(path).unwrap_or_default();
+        if s.contains(text) {
+            return s;
+        }
+        if let Ok(Some(status)) = vm.0.try_wait() {
+            panic!("the VM ended ({status}) before `{text}`:\n{s}");
+        }
+        assert!(start.elapsed() < timeout, "no `{text}` after {timeout:?}:\n{s}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn virtio_block_net_vsock_and_rng_in_one_guest() {
+    let Some(_kit) = kvm_and_kit() else { return };
+    let ns = Netns(format!("isla-dev-{}", std::process::id()));
+    sh(&["ip", "netns", "add", &ns.0]);
+    let tap = "isla-tdev";
+    for cmd in [
+        vec!["ip", "-n", &ns.0, "link", "set", "lo", "up"],
+        vec!["ip", "-n", &ns.0, "tuntap", "add", "dev", tap, "mode", "tap"],
+        vec!["ip", "-n", &ns.0, "addr", "add", "10.201.0.1/24", "dev", tap],
+        vec!["ip", "-n", &ns.0, "link", "set", tap, "up"],
+    ] {
+        sh(&cmd);
+    }
+    let ext4: PathBuf = tmp("data.ext4");
+    let qcow2: PathBuf = tmp("scratch.qcow2");
+    sh(&["truncate", "-s", "16M", ext4.to_str().unwrap()]);
+    sh(&["mkfs.ext4", "-q", "-F", ext4.to_str().unwrap()]);
+    sh(&["qemu-img", "create", "-q", "-f", "qcow2", qcow2.to_str().unwrap(), "8M"]);
+    let uds = tmp("vsock.sock");
+    let console = tmp("devices.console");
+    let report = tmp("devices.json");
+    let _ = std::fs::remove_file(&uds);
+
+    // The monitor runs inside the namespace, so the TAP it opens is the one made above.
+    let child = Command::new("ip")
+        .args(["netns", "exec", &ns.0, env!("CARGO_BIN_EXE_isla"), "vm", "run", "--cpus", "2", "--vsock"])
+        .arg(&uds)
+        .arg("--disk")
+        .arg(format!("{},id=data", ext4.display()))
+        .arg("--disk")
+        .arg(format!("{},id=scratch", qcow2.display()))
+        .args(["--net", &format!("{tap},mac=06:00:0a:c9:00:02")])
+        .args(["--cmdline", "console=ttyS0 reboot=k panic=1 pci=off quiet isla.shell=1"])
+        .arg("--console")
+        .arg(format!("file:{}", console.display()))
+        .arg("--report")
+        .arg(&report)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut vm = Vm(child);
+    wait_for(&console, "isla-agent: listening", Duration::from_secs(300), &mut vm);
+
+    // Entropy: the guest's hardware RNG is the virtio one, and it delivers.
+    let (rc, out) = exec(&uds, "cat /sys/class/misc/hw_random/rng_current; head -c 32 /dev/hwrng | od -An -tx1 | wc -w");
+    assert_eq!(rc, 0, "{out}");
+    assert!(out.contains("virtio_rng"), "{out}");
+    assert!(out.lines().any(|l| l.trim() == "32"), "{out}");
+
+    // Block: a file on the ext4 disk, raw bytes on the qcow2 disk, the serial numbers from GET_ID.
+    let (rc, out) = exec(
+        &uds,
+        "mkdir -p /mnt/d && mount -t ext4 /dev/vda /mnt/d && echo written-by-guest > /mnt/d/hello.txt && \
+         umount /mnt/d && echo isla-qcow2-data | dd of=/dev/vdb bs=512 seek=100 conv=fsync 2>/dev/null && \
+         cat /sys/block/vda/serial /sys/block/vdb/serial",
+    );
+    assert_eq!(rc, 0, "{out}");
+    assert!(out.contains("data") && out.contains("scratch"), "{out}");
+
+    // Network: ping the host side of the TAP, then send 1 MiB over TCP.
+    let (rc, out) = exec(
+        &uds,
+        "ip link set eth0 up && ip addr add 10.201.0.2/24 dev eth0 && cat /sys/class/net/eth0/address && \
+         ping -c 3 -W 5 10.201.0.1",
+    );
+    assert_eq!(rc, 0, "{out}");
+    assert!(out.contains("06:00:0a:c9:00:02") && out.contains("3 packets received"), "{out}");
+    let receiver = receive_in_netns(&ns.0, "10.201.0.1:5001");
+    let (rc, out) = exec(&uds, "dd if=/dev/zero bs=64k count=16 2>/dev/null | nc 10.201.0.1 5001");
+    let received = receiver.join().unwrap();
+    assert_eq!(received, 1 << 20, "guest nc exit {rc}: {out}");
+
+    // Agent report, then power off from inside: the monitor ends with status 0.
+    let info = isla().args(["vm", "exec", "--info", "--vsock"]).arg(&uds).output().unwrap();
+    let info = String::from_utf8_lossy(&info.stdout).into_owned();
+    assert!(info.contains("\"cpus\": 2") && info.contains("mem_total_kib"), "{info}");
+    let _ = exec(&uds, "sync; poweroff -f");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = vm.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "the VM did not power off");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(status.code(), Some(0), "{}", std::fs::read_to_string(&console).unwrap_or_default());
+
+    // Back on the host: the guest's writes are in the files.
+    let cat = Command::new("debugfs").args(["-R", "cat /hello.txt"]).arg(&ext4).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&cat.stdout).trim(), "written-by-guest");
+    sh(&["qemu-img", "check", "-q", qcow2.to_str().unwrap()]);
+    let raw = tmp("scratch.raw");
+    sh(&["qemu-img", "convert", "-O", "raw", qcow2.to_str().unwrap(), raw.to_str().unwrap()]);
+    let bytes = std::fs::read(&raw).unwrap();
+    assert_eq!(&bytes[51200..51200 + 15], b"isla-qcow2-data");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert!(r.to_string().contains("virtio"), "the report counts the virtio exits: {r}");
+}
