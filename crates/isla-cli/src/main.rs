@@ -4,8 +4,9 @@
 mod bench;
 mod kit;
 mod peer;
+mod runtime;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -28,6 +29,8 @@ enum Cmd {
     /// The guest kit: kernel, initramfs and rootfs for microVMs.
     #[command(subcommand)]
     Guest(GuestCmd),
+    /// Containers: the OCI runtime, with runc's command line (also as a symlink named isla-runc).
+    Runtime(runtime::RuntimeArgs),
 }
 
 #[derive(Subcommand)]
@@ -154,6 +157,9 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("ISLA_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
+    if std::env::args_os().next().is_some_and(|a| Path::new(&a).file_name() == Some("isla-runc".as_ref())) {
+        return runtime::main_as_runc();
+    }
     let cli = Cli::parse();
     let result = match &cli.cmd {
         Cmd::Vm(v) => match v.as_ref() {
@@ -168,6 +174,7 @@ fn main() -> ExitCode {
             k.print();
             0
         }),
+        Cmd::Runtime(a) => return ExitCode::from(runtime::run(a) as u8),
     };
     match result {
         Ok(code) => ExitCode::from(code as u8),

@@ -38,4 +38,17 @@ pub mod testutil;
 pub use container::{check_id, Container, CreateOptions, ExecOptions, Runtime, DEFAULT_ROOT};
 pub use error::{Error, Result};
 pub use oci_spec::runtime::{Process, Spec};
+pub use nix::sys::signal::Signal;
 pub use state::{State, Status};
+
+/// A signal by number ("9"), name ("KILL") or full name ("SIGKILL").
+pub fn parse_signal(s: &str) -> Result<Signal> {
+    use std::str::FromStr;
+    let bad = || error::config("signal", format!("{s:?} is not a signal (use a number or a name such as SIGTERM)"));
+    if let Ok(n) = s.parse::<i32>() {
+        return Signal::try_from(n).map_err(|_| bad());
+    }
+    let name = s.to_ascii_uppercase();
+    let name = if name.starts_with("SIG") { name } else { format!("SIG{name}") };
+    Signal::from_str(&name).map_err(|_| bad())
+}

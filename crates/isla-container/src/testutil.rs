@@ -64,3 +64,18 @@ pub fn make_rootfs(rootfs: &Path) -> std::io::Result<()> {
     std::fs::write(rootfs.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n")?;
     Ok(())
 }
+
+/// On a hybrid cgroup host, move this process into a private mount namespace where
+/// /sys/fs/cgroup/unified is unmounted, so that crun (which refuses hybrid hosts) runs with the
+/// v1 controllers. Returns whether the host was hybrid. Affects this process and its children.
+pub fn hide_unified_hierarchy() -> crate::Result<bool> {
+    use nix::mount::{mount, umount2, MntFlags, MsFlags};
+    let unified = Path::new("/sys/fs/cgroup/unified");
+    if !unified.exists() {
+        return Ok(false);
+    }
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(crate::error::sys("unshare(CLONE_NEWNS)"))?;
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_SLAVE, None::<&str>).map_err(crate::error::sys("making / a slave mount"))?;
+    umount2(unified, MntFlags::MNT_DETACH).map_err(crate::error::sys("unmounting /sys/fs/cgroup/unified"))?;
+    Ok(true)
+}

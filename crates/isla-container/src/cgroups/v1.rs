@@ -231,6 +231,11 @@ impl V1 {
                     let (file, line) = device_rule(rule);
                     write(d, file, &line, "linux.resources.devices")?;
                 }
+                // The devices every container gets (as runc allows them): mknod of any node,
+                // null, zero, full, random, urandom, tty, console, ptmx and the pts.
+                for line in DEFAULT_ALLOWED {
+                    write(d, "devices.allow", line, "linux.resources.devices")?;
+                }
             }
         }
         if r.unified().as_ref().is_some_and(|u| !u.is_empty()) {
@@ -239,6 +244,12 @@ impl V1 {
         Ok(())
     }
 }
+
+/// Device rules added after the spec's, as runc does.
+const DEFAULT_ALLOWED: &[&str] = &[
+    "c *:* m", "b *:* m", "c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 1:8 rwm", "c 1:9 rwm", "c 5:0 rwm", "c 5:1 rwm",
+    "c 5:2 rwm", "c 136:* rwm", "c 10:200 rwm",
+];
 
 /// A devices.allow / devices.deny line for one OCI device rule.
 pub(crate) fn device_rule(rule: &LinuxDeviceCgroup) -> (&'static str, String) {
