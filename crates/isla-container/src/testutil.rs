@@ -27,6 +27,7 @@ impl TestBundle {
         }
         if let Some(r) = spec.root_mut() {
             r.set_path("rootfs".into());
+            r.set_readonly(Some(false));
         }
         Ok(TestBundle { dir, spec })
     }
