@@ -200,7 +200,8 @@ pub fn run(a: &RuntimeArgs) -> i32 {
             eprintln!("isla runtime: error: {msg}");
             if let Some(path) = &a.log {
                 let line = if a.log_format == "json" {
-                    serde_json::json!({"level": "error", "msg": msg, "time": isla_container::state::now_rfc3339()}).to_string()
+                    serde_json::json!({"level": "error", "msg": msg, "time": isla_container::state::now_rfc3339()})
+                        .to_string()
                 } else {
                     format!("{} error: {msg}", isla_container::state::now_rfc3339())
                 };
@@ -339,7 +340,8 @@ fn exec(rt: &Runtime, e: &ExecArgs) -> Result<i32> {
     let process: isla_container::Process = match &e.process {
         Some(p) => {
             let text = std::fs::read_to_string(p).with_context(|| format!("--process {}", p.display()))?;
-            serde_json::from_str(&text).with_context(|| format!("--process {}: not a runtime-spec process", p.display()))?
+            serde_json::from_str(&text)
+                .with_context(|| format!("--process {}: not a runtime-spec process", p.display()))?
         }
         None => {
             if e.command.is_empty() {

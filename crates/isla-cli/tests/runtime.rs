@@ -38,7 +38,16 @@ fn runc(bin: &Path, root: &Path, args: &[&str]) -> Output {
 
 /// `create` leaves the init holding its stdio: give it none, so nothing waits for EOF.
 fn runc_create(bin: &Path, root: &Path, args: &[&str]) -> std::process::ExitStatus {
-    Command::new(bin).arg("--root").arg(root).arg("create").args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status().expect("isla-runc")
+    Command::new(bin)
+        .arg("--root")
+        .arg(root)
+        .arg("create")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("isla-runc")
 }
 
 #[test]
@@ -46,22 +55,29 @@ fn runc_command_line_lifecycle() {
     let s = Scratch::new("cli");
     let bin = isla_runc(&s.0);
     let root = s.0.join("state");
-    let bundle = TestBundle::new(&s.0, "bundle", &["/bin/sh", "-c", "trap 'exit 0' TERM; while :; do sleep 1; done"]).expect("bundle");
+    let bundle = TestBundle::new(&s.0, "bundle", &["/bin/sh", "-c", "trap 'exit 0' TERM; while :; do sleep 1; done"])
+        .expect("bundle");
     bundle.write().expect("config.json");
     let b = bundle.dir.to_str().expect("utf-8 path");
     // Ids name cgroups too, which every state root shares: keep them unique per test run.
     let id = format!("c1-{}", std::process::id());
     let id = id.as_str();
     let pid_file = s.0.join("pid");
-    assert!(runc_create(&bin, &root, &["--bundle", b, "--pid-file", pid_file.to_str().expect("path"), id]).success(), "create");
+    assert!(
+        runc_create(&bin, &root, &["--bundle", b, "--pid-file", pid_file.to_str().expect("path"), id]).success(),
+        "create"
+    );
     let pid: i32 = std::fs::read_to_string(&pid_file).expect("pid file").trim().parse().expect("pid");
-    let state: serde_json::Value = serde_json::from_slice(&runc(&bin, &root, &["state", id]).stdout).expect("state JSON");
+    let state: serde_json::Value =
+        serde_json::from_slice(&runc(&bin, &root, &["state", id]).stdout).expect("state JSON");
     assert_eq!(state["status"], "created");
     assert_eq!(state["pid"], pid);
     assert!(runc(&bin, &root, &["start", id]).status.success());
-    let state: serde_json::Value = serde_json::from_slice(&runc(&bin, &root, &["state", id]).stdout).expect("state JSON");
+    let state: serde_json::Value =
+        serde_json::from_slice(&runc(&bin, &root, &["state", id]).stdout).expect("state JSON");
     assert_eq!(state["status"], "running");
-    let ps: Vec<i32> = serde_json::from_slice(&runc(&bin, &root, &["ps", "--format", "json", id]).stdout).expect("ps JSON");
+    let ps: Vec<i32> =
+        serde_json::from_slice(&runc(&bin, &root, &["ps", "--format", "json", id]).stdout).expect("ps JSON");
     assert!(ps.contains(&pid), "ps {ps:?}");
     let ex = runc(&bin, &root, &["exec", id, "sh", "-c", "exit 4"]);
     assert_eq!(ex.status.code(), Some(4), "exec: {}", String::from_utf8_lossy(&ex.stderr));
@@ -79,7 +95,8 @@ fn runc_command_line_lifecycle() {
     {
         std::thread::sleep(Duration::from_millis(10));
     }
-    let state: serde_json::Value = serde_json::from_slice(&runc(&bin, &root, &["state", id]).stdout).expect("state JSON");
+    let state: serde_json::Value =
+        serde_json::from_slice(&runc(&bin, &root, &["state", id]).stdout).expect("state JSON");
     assert_eq!(state["status"], "stopped");
     assert!(runc(&bin, &root, &["delete", id]).status.success());
     let gone = runc(&bin, &root, &["state", id]);
@@ -113,7 +130,8 @@ fn run_passes_the_exit_code_and_logs_errors_as_json() {
         .output()
         .expect("isla");
     assert_eq!(out.status.code(), Some(1));
-    let line: serde_json::Value = serde_json::from_str(std::fs::read_to_string(&log).expect("log").trim()).expect("JSON log line");
+    let line: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(&log).expect("log").trim()).expect("JSON log line");
     assert_eq!(line["level"], "error");
     assert!(line["msg"].as_str().is_some_and(|m| m.contains("bundle directory")), "{line}");
 }
@@ -197,11 +215,21 @@ fn containerd_runs_a_container_through_ctr() {
     );
     std::fs::write(s.0.join("config.toml"), config).expect("config.toml");
     let log = std::fs::File::create(s.0.join("containerd.log")).expect("log");
-    let child = Command::new("containerd").arg("--config").arg(s.0.join("config.toml")).stdout(Stdio::null()).stderr(log).spawn().expect("containerd");
+    let child = Command::new("containerd")
+        .arg("--config")
+        .arg(s.0.join("config.toml"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("containerd");
     let d = Containerd { child, sock };
     let t = Instant::now();
     while !ctr(&d, &["version"]).status.success() {
-        assert!(t.elapsed() < Duration::from_secs(20), "containerd did not come up: {}", std::fs::read_to_string(s.0.join("containerd.log")).unwrap_or_default());
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "containerd did not come up: {}",
+            std::fs::read_to_string(s.0.join("containerd.log")).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let imp = ctr(&d, &["images", "import", image.to_str().expect("path")]);
@@ -210,11 +238,25 @@ fn containerd_runs_a_container_through_ctr() {
     let id = format!("ctr-{}", std::process::id());
     let run = ctr(
         &d,
-        &["run", "--rm", "--runc-binary", bin.to_str().expect("path"), "docker.io/isla/busybox:test", &id, "/bin/sh", "-c", "echo hello from ctr; ps -o pid | wc -l; exit 3"],
+        &[
+            "run",
+            "--rm",
+            "--runc-binary",
+            bin.to_str().expect("path"),
+            "docker.io/isla/busybox:test",
+            &id,
+            "/bin/sh",
+            "-c",
+            "echo hello from ctr; ps -o pid | wc -l; exit 3",
+        ],
     );
     let out = String::from_utf8_lossy(&run.stdout);
     assert_eq!(run.status.code(), Some(3), "ctr run: {out} {}", String::from_utf8_lossy(&run.stderr));
     assert!(out.contains("hello from ctr"), "{out}");
     let left = ctr(&d, &["containers", "ls", "-q"]);
-    assert!(String::from_utf8_lossy(&left.stdout).trim().is_empty(), "containers left: {}", String::from_utf8_lossy(&left.stdout));
+    assert!(
+        String::from_utf8_lossy(&left.stdout).trim().is_empty(),
+        "containers left: {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
 }

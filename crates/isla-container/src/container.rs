@@ -121,7 +121,11 @@ impl Runtime {
     /// A runtime keeping state under `root` (created with mode 0700 if missing).
     pub fn new(root: impl Into<PathBuf>) -> Result<Self> {
         let root = root.into();
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(&root).map_err(io(format!("state directory {}", root.display())))?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&root)
+            .map_err(io(format!("state directory {}", root.display())))?;
         Ok(Runtime { root, cgroup_driver: CgroupDriver::Auto })
     }
 
@@ -170,11 +174,21 @@ impl Runtime {
             });
         }
         let b = spec::load(bundle)?;
-        let process = b.spec.process().clone().ok_or_else(|| Error::Bundle { bundle: b.dir.clone(), msg: "no process".into() })?;
-        let driver = if nix::unistd::geteuid().is_root() { self.cgroup_driver.clone() } else { rootless_driver(&self.cgroup_driver, &b.spec) };
+        let process = b
+            .spec
+            .process()
+            .clone()
+            .ok_or_else(|| Error::Bundle { bundle: b.dir.clone(), msg: "no process".into() })?;
+        let driver = if nix::unistd::geteuid().is_root() {
+            self.cgroup_driver.clone()
+        } else {
+            rootless_driver(&self.cgroup_driver, &b.spec)
+        };
         let cgroup_path = b.spec.linux().as_ref().and_then(|l| l.cgroups_path().clone());
         let cg = cgroups::manager(&driver, cgroup_path.as_deref(), id)?;
-        let v1_mounts = if cg.as_ref().is_some_and(|c| c.version() == "v1") || (cg.is_none() && !cgroups::is_cgroup2(Path::new("/sys/fs/cgroup"))) {
+        let v1_mounts = if cg.as_ref().is_some_and(|c| c.version() == "v1")
+            || (cg.is_none() && !cgroups::is_cgroup2(Path::new("/sys/fs/cgroup")))
+        {
             cgroups::v1::mounts().unwrap_or_default()
         } else {
             Vec::new()
@@ -199,11 +213,23 @@ impl Runtime {
             cgroup_enabled: cg.is_some(),
             spec: b.spec.clone(),
         };
-        let hook_state = serde_json::to_string(&record.state).map_err(|e| Error::Io { what: "state".into(), source: e.into() })?;
-        let input = PlanInput { spec: &b.spec, bundle: &b.dir, rootfs: &b.rootfs, no_pivot: opts.no_pivot, cgroup_v1_mounts: &v1_mounts, cgroup_v2, full: true };
+        let hook_state =
+            serde_json::to_string(&record.state).map_err(|e| Error::Io { what: "state".into(), source: e.into() })?;
+        let input = PlanInput {
+            spec: &b.spec,
+            bundle: &b.dir,
+            rootfs: &b.rootfs,
+            no_pivot: opts.no_pivot,
+            cgroup_v1_mounts: &v1_mounts,
+            cgroup_v2,
+            full: true,
+        };
         let mut plan = plan::build(&input, &process, Some(hook_state))?;
         if plan.proc.terminal && opts.console_socket.is_none() && matches!(mode, Mode::Create) {
-            return Err(crate::error::config("process.terminal", "a created container with a terminal needs --console-socket"));
+            return Err(crate::error::config(
+                "process.terminal",
+                "a created container with a terminal needs --console-socket",
+            ));
         }
         match fs::create_dir(&dir) {
             Ok(()) => {}
@@ -219,7 +245,8 @@ impl Runtime {
             Mode::Run => StartWait::Socket,
             Mode::Create => {
                 let fifo = dir.join("exec.fifo");
-                nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).map_err(sys(format!("mkfifo {}", fifo.display())))?;
+                nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
+                    .map_err(sys(format!("mkfifo {}", fifo.display())))?;
                 let f = fs::OpenOptions::new()
                     .read(true)
                     .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
@@ -250,7 +277,8 @@ impl Runtime {
             for fd in &procs_fds {
                 nix::unistd::write(fd, pid.as_raw().to_string().as_bytes()).map_err(sys("joining the cgroup"))?;
             }
-            init::send(launch.sock.as_fd(), Msg { tag: MSG_GO, step: 0, label: 0, value: pid.as_raw() }).map_err(sys("sync with the init"))?;
+            init::send(launch.sock.as_fd(), Msg { tag: MSG_GO, step: 0, label: 0, value: pid.as_raw() })
+                .map_err(sys("sync with the init"))?;
         }
         drop(procs_fds);
         loop {
@@ -262,12 +290,14 @@ impl Runtime {
             match msg {
                 None => return Err(init_died(pid)),
                 Some(m) if m.tag == MSG_HOOKS => {
-                    let st = serde_json::to_vec(&record.state).map_err(|e| Error::Io { what: "state".into(), source: e.into() })?;
+                    let st = serde_json::to_vec(&record.state)
+                        .map_err(|e| Error::Io { what: "state".into(), source: e.into() })?;
                     if let Some(h) = b.spec.hooks() {
                         hooks::run(h.prestart().as_deref().unwrap_or_default(), &st, "prestart")?;
                         hooks::run(h.create_runtime().as_deref().unwrap_or_default(), &st, "createRuntime")?;
                     }
-                    init::send(launch.sock.as_fd(), Msg { tag: MSG_GO, step: 0, label: 0, value: 0 }).map_err(sys("sync with the init"))?;
+                    init::send(launch.sock.as_fd(), Msg { tag: MSG_GO, step: 0, label: 0, value: 0 })
+                        .map_err(sys("sync with the init"))?;
                 }
                 Some(m) if m.tag == MSG_READY => break,
                 Some(m) if m.tag == MSG_ERROR => return Err(plan::describe_failure(&plan, m.step, m.label, m.value)),
@@ -312,9 +342,11 @@ impl Runtime {
 
 /// Without root, cgroups are used only when asked for by limits (a delegated hierarchy).
 fn rootless_driver(driver: &CgroupDriver, spec: &oci_spec::runtime::Spec) -> CgroupDriver {
-    let has_limits = spec.linux().as_ref().and_then(|l| l.resources().as_ref()).is_some_and(|r| {
-        r.memory().is_some() || r.cpu().is_some() || r.pids().is_some() || r.block_io().is_some()
-    });
+    let has_limits = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.resources().as_ref())
+        .is_some_and(|r| r.memory().is_some() || r.cpu().is_some() || r.pids().is_some() || r.block_io().is_some());
     if has_limits {
         driver.clone()
     } else {
@@ -342,10 +374,11 @@ fn spawn(
 ) -> Result<(Pid, OwnedFd, Vec<OwnedFd>)> {
     let mut procs_fds = Vec::new();
     for p in procs {
-        let f = fs::OpenOptions::new().write(true).custom_flags(libc::O_CLOEXEC).open(p).map_err(|e| Error::Cgroup {
-            path: p.clone(),
-            msg: format!("opening: {e}"),
-        })?;
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(p)
+            .map_err(|e| Error::Cgroup { path: p.clone(), msg: format!("opening: {e}") })?;
         procs_fds.push(OwnedFd::from(f));
     }
     let (parent, child) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
@@ -416,7 +449,9 @@ fn release(sock: &OwnedFd, _label: &Path, plan: Option<&Plan>) -> Result<()> {
     match recv_with_fd(sock)? {
         (Some(m), _) if m.tag == MSG_ERROR => Err(match plan {
             Some(p) => plan::describe_failure(p, m.step, m.label, m.value),
-            None => Error::Init(format!("{}: {}", init::step_name(m.step), nix::errno::Errno::from_raw(m.value).desc())),
+            None => {
+                Error::Init(format!("{}: {}", init::step_name(m.step), nix::errno::Errno::from_raw(m.value).desc()))
+            }
         }),
         _ => Ok(()),
     }
@@ -439,7 +474,10 @@ fn wait_exit(pid: Pid) -> Result<i32> {
 fn write_id_maps(pid: Pid, spec: &oci_spec::runtime::Spec) -> Result<()> {
     let linux = spec.linux().as_ref();
     let fmt = |m: Option<&Vec<oci_spec::runtime::LinuxIdMapping>>| {
-        m.into_iter().flatten().map(|m| format!("{} {} {}\n", m.container_id(), m.host_id(), m.size())).collect::<String>()
+        m.into_iter()
+            .flatten()
+            .map(|m| format!("{} {} {}\n", m.container_id(), m.host_id(), m.size()))
+            .collect::<String>()
     };
     let uid = fmt(linux.and_then(|l| l.uid_mappings().as_ref()));
     let gid = fmt(linux.and_then(|l| l.gid_mappings().as_ref()));
@@ -484,7 +522,9 @@ impl Container {
             return Status::Stopped;
         }
         match self.record.state.status {
-            Status::Running if self.cgroup().ok().flatten().is_some_and(|c| c.frozen().unwrap_or(false)) => Status::Paused,
+            Status::Running if self.cgroup().ok().flatten().is_some_and(|c| c.frozen().unwrap_or(false)) => {
+                Status::Paused
+            }
             s => s,
         }
     }
@@ -568,7 +608,9 @@ impl Container {
                 let _ = nix::sys::signal::kill(Pid::from_raw(self.pid()), Signal::SIGKILL);
             }
             let deadline = Instant::now() + Duration::from_secs(10);
-            while (self.init_alive() || cg.as_ref().is_some_and(|c| c.pids().is_ok_and(|p| !p.is_empty()))) && Instant::now() < deadline {
+            while (self.init_alive() || cg.as_ref().is_some_and(|c| c.pids().is_ok_and(|p| !p.is_empty())))
+                && Instant::now() < deadline
+            {
                 // Our own child (a `run` or a test): reap it, or it stays a zombie in the cgroup.
                 let _ = waitpid(Pid::from_raw(self.pid()), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
                 std::thread::sleep(Duration::from_millis(2));
@@ -630,7 +672,10 @@ impl Container {
             return Err(self.wrong(st, "exec"));
         }
         if crate::sys::thread_count() > 1 {
-            return Err(crate::error::config("runtime", "exec clones the calling process and needs it single-threaded"));
+            return Err(crate::error::config(
+                "runtime",
+                "exec clones the calling process and needs it single-threaded",
+            ));
         }
         let input = PlanInput {
             spec: &self.record.spec,
@@ -643,7 +688,10 @@ impl Container {
         };
         let mut plan = plan::build(&input, process, None)?;
         if plan.proc.terminal && opts.console_socket.is_none() && opts.detach {
-            return Err(crate::error::config("process.terminal", "a detached exec with a terminal needs --console-socket"));
+            return Err(crate::error::config(
+                "process.terminal",
+                "a detached exec with a terminal needs --console-socket",
+            ));
         }
         let pid = self.pid();
         let mut user = Vec::new();
@@ -687,7 +735,9 @@ impl Container {
                 (_, Some(fd)) => relay = Some(crate::console::Relay::start(fd)),
                 (None, None) => return Err(init_died(child)),
                 (Some(m), _) if m.tag == MSG_READY => break,
-                (Some(m), _) if m.tag == MSG_ERROR => return Err(plan::describe_failure(&plan, m.step, m.label, m.value)),
+                (Some(m), _) if m.tag == MSG_ERROR => {
+                    return Err(plan::describe_failure(&plan, m.step, m.label, m.value))
+                }
                 (Some(m), _) => return Err(Error::Init(format!("unexpected message {}", m.tag))),
             }
         }

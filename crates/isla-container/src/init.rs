@@ -291,7 +291,11 @@ fn do_op(op: &Op) -> Result<(), Errno> {
         }
         Op::Mkdir(p) => tolerate(nix::unistd::mkdir(p.as_c_str(), Mode::from_bits_truncate(0o755)), &[Errno::EEXIST]),
         Op::Touch(p) => {
-            match nix::fcntl::open(p.as_c_str(), OFlag::O_CREAT | OFlag::O_WRONLY | OFlag::O_CLOEXEC, Mode::from_bits_truncate(0o644)) {
+            match nix::fcntl::open(
+                p.as_c_str(),
+                OFlag::O_CREAT | OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+                Mode::from_bits_truncate(0o644),
+            ) {
                 Ok(_fd) => Ok(()),
                 // A directory or a read-only file system with the file already present is fine.
                 Err(Errno::EISDIR) | Err(Errno::EROFS) if nix::sys::stat::stat(p.as_c_str()).is_ok() => Ok(()),
@@ -301,20 +305,39 @@ fn do_op(op: &Op) -> Result<(), Errno> {
         Op::Mknod { path, kind, perm, dev, uid, gid } => {
             let _ = nix::unistd::unlink(path.as_c_str());
             nix::sys::stat::mknod(path.as_c_str(), *kind, Mode::from_bits_truncate(*perm), *dev)?;
-            nix::sys::stat::fchmodat(nix::fcntl::AT_FDCWD, path.as_c_str(), Mode::from_bits_truncate(*perm), nix::sys::stat::FchmodatFlags::FollowSymlink)?;
+            nix::sys::stat::fchmodat(
+                nix::fcntl::AT_FDCWD,
+                path.as_c_str(),
+                Mode::from_bits_truncate(*perm),
+                nix::sys::stat::FchmodatFlags::FollowSymlink,
+            )?;
             nix::unistd::chown(path.as_c_str(), Some(Uid::from_raw(*uid)), Some(Gid::from_raw(*gid)))
         }
-        Op::Symlink { target, link } => tolerate(nix::unistd::symlinkat(target.as_c_str(), nix::fcntl::AT_FDCWD, link.as_c_str()), &[Errno::EEXIST]),
+        Op::Symlink { target, link } => {
+            tolerate(nix::unistd::symlinkat(target.as_c_str(), nix::fcntl::AT_FDCWD, link.as_c_str()), &[Errno::EEXIST])
+        }
         Op::Mask(p) => match nix::sys::stat::stat(p.as_c_str()) {
             Err(Errno::ENOENT) => Ok(()),
             Err(e) => Err(e),
             Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => {
                 mount(Some(c"tmpfs"), p.as_c_str(), Some(c"tmpfs"), MsFlags::MS_RDONLY, None::<&std::ffi::CStr>)
             }
-            Ok(_) => mount(Some(c"/dev/null"), p.as_c_str(), None::<&std::ffi::CStr>, MsFlags::MS_BIND, None::<&std::ffi::CStr>),
+            Ok(_) => mount(
+                Some(c"/dev/null"),
+                p.as_c_str(),
+                None::<&std::ffi::CStr>,
+                MsFlags::MS_BIND,
+                None::<&std::ffi::CStr>,
+            ),
         },
         Op::ReadOnly(p) => {
-            match mount(Some(p.as_c_str()), p.as_c_str(), None::<&std::ffi::CStr>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&std::ffi::CStr>) {
+            match mount(
+                Some(p.as_c_str()),
+                p.as_c_str(),
+                None::<&std::ffi::CStr>,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&std::ffi::CStr>,
+            ) {
                 Err(Errno::ENOENT) => return Ok(()),
                 r => r?,
             }

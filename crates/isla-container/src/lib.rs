@@ -37,8 +37,8 @@ pub mod testutil;
 
 pub use container::{check_id, Container, CreateOptions, ExecOptions, Runtime, DEFAULT_ROOT};
 pub use error::{Error, Result};
-pub use oci_spec::runtime::{Process, Spec};
 pub use nix::sys::signal::Signal;
+pub use oci_spec::runtime::{Process, Spec};
 pub use state::{State, Status};
 
 /// A signal by number ("9"), name ("KILL") or full name ("SIGKILL").

@@ -160,11 +160,14 @@ pub(crate) fn ns_flag(t: LinuxNamespaceType) -> Option<CloneFlags> {
 /// `rootfs` joined with the container path `dest`, resolving symbolic links inside `rootfs` so
 /// that a link in the image cannot send a mount outside it.
 pub(crate) fn secure_join(rootfs: &Path, dest: &Path) -> PathBuf {
-    let mut parts: Vec<PathBuf> = dest.components().filter_map(|c| match c {
-        Component::Normal(n) => Some(PathBuf::from(n)),
-        Component::ParentDir => Some(PathBuf::from("..")),
-        _ => None,
-    }).collect();
+    let mut parts: Vec<PathBuf> = dest
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(PathBuf::from(n)),
+            Component::ParentDir => Some(PathBuf::from("..")),
+            _ => None,
+        })
+        .collect();
     parts.reverse();
     let mut out = PathBuf::new();
     let mut links = 0;
@@ -180,11 +183,14 @@ pub(crate) fn secure_join(rootfs: &Path, dest: &Path) -> PathBuf {
                 if target.is_absolute() {
                     out = PathBuf::new();
                 }
-                let mut more: Vec<PathBuf> = target.components().filter_map(|c| match c {
-                    Component::Normal(n) => Some(PathBuf::from(n)),
-                    Component::ParentDir => Some(PathBuf::from("..")),
-                    _ => None,
-                }).collect();
+                let mut more: Vec<PathBuf> = target
+                    .components()
+                    .filter_map(|c| match c {
+                        Component::Normal(n) => Some(PathBuf::from(n)),
+                        Component::ParentDir => Some(PathBuf::from("..")),
+                        _ => None,
+                    })
+                    .collect();
                 more.reverse();
                 parts.extend(more);
             }
@@ -358,10 +364,19 @@ pub(crate) fn build(inp: &PlanInput<'_>, process: &Process, hook_state: Option<S
             Some("private") | Some("rprivate") => MsFlags::MS_PRIVATE | MsFlags::MS_REC,
             _ => MsFlags::MS_SLAVE | MsFlags::MS_REC,
         };
-        plan.pre(Op::Mount { src: None, target: cstr("/", "")?, fstype: None, flags: first, data: None }, "making / a slave mount".into());
+        plan.pre(
+            Op::Mount { src: None, target: cstr("/", "")?, fstype: None, flags: first, data: None },
+            "making / a slave mount".into(),
+        );
         let r = cstr(rootfs, "root.path")?;
         plan.pre(
-            Op::Mount { src: Some(r.clone()), target: r, fstype: None, flags: MsFlags::MS_BIND | MsFlags::MS_REC, data: None },
+            Op::Mount {
+                src: Some(r.clone()),
+                target: r,
+                fstype: None,
+                flags: MsFlags::MS_BIND | MsFlags::MS_REC,
+                data: None,
+            },
             format!("bind-mounting the rootfs {}", rootfs.display()),
         );
     }
@@ -373,7 +388,10 @@ pub(crate) fn build(inp: &PlanInput<'_>, process: &Process, hook_state: Option<S
         }
         let dest = m.destination();
         if !dest.is_absolute() {
-            return Err(config(format!("mounts[{i}].destination"), format!("{} must be an absolute path", dest.display())));
+            return Err(config(
+                format!("mounts[{i}].destination"),
+                format!("{} must be an absolute path", dest.display()),
+            ));
         }
         let typ = m.typ().clone().unwrap_or_default();
         if dest == Path::new("/dev") && typ != "bind" {
@@ -394,10 +412,13 @@ pub(crate) fn build(inp: &PlanInput<'_>, process: &Process, hook_state: Option<S
         plan.root = Some(RootSwitch { rootfs: cstr(rootfs, "root.path")?, no_pivot: inp.no_pivot });
     }
     plan.runtime_hooks = spec.hooks().as_ref().is_some_and(|h| {
-        h.prestart().as_ref().is_some_and(|v| !v.is_empty()) || h.create_runtime().as_ref().is_some_and(|v| !v.is_empty())
+        h.prestart().as_ref().is_some_and(|v| !v.is_empty())
+            || h.create_runtime().as_ref().is_some_and(|v| !v.is_empty())
     });
     if let Some(h) = spec.hooks() {
-        for (list, name, into_start) in [(h.create_container(), "createContainer", false), (h.start_container(), "startContainer", true)] {
+        for (list, name, into_start) in
+            [(h.create_container(), "createContainer", false), (h.start_container(), "startContainer", true)]
+        {
             for (i, hook) in list.iter().flatten().enumerate() {
                 let field = format!("hooks.{name}[{i}]");
                 let args = hook.args().clone().unwrap_or_else(|| vec![hook.path().to_string_lossy().into_owned()]);
@@ -423,13 +444,19 @@ pub(crate) fn build(inp: &PlanInput<'_>, process: &Process, hook_state: Option<S
                 return Err(config(format!("linux.sysctl.{k}"), "is not a sysctl name"));
             }
             let path = format!("/proc/sys/{}", k.replace('.', "/"));
-            plan.post(Op::Write { path: cstr(&path, "linux.sysctl")?, data: v.as_bytes().to_vec() }, format!("linux.sysctl {k}={v}"));
+            plan.post(
+                Op::Write { path: cstr(&path, "linux.sysctl")?, data: v.as_bytes().to_vec() },
+                format!("linux.sysctl {k}={v}"),
+            );
         }
     }
     if has_mntns {
         if let Some(p) = rootfs_prop.as_deref() {
             let flags = propagation(p)?;
-            plan.post(Op::Mount { src: None, target: cstr("/", "")?, fstype: None, flags, data: None }, format!("linux.rootfsPropagation {p}"));
+            plan.post(
+                Op::Mount { src: None, target: cstr("/", "")?, fstype: None, flags, data: None },
+                format!("linux.rootfsPropagation {p}"),
+            );
         }
         for p in linux.and_then(|l| l.masked_paths().as_ref()).into_iter().flatten() {
             plan.post(Op::Mask(cstr(p, "linux.maskedPaths")?), format!("linux.maskedPaths {p}"));
@@ -459,7 +486,8 @@ fn mount_ops(plan: &mut Plan, inp: &PlanInput<'_>, m: &Mount, i: usize, in_usern
     if bind || typ == "bind" {
         let src = m.source().clone().ok_or_else(|| config(format!("{field}.source"), "a bind mount needs a source"))?;
         let src = if src.is_absolute() { src } else { inp.bundle.join(src) };
-        let meta = std::fs::metadata(&src).map_err(|e| config(format!("{field}.source"), format!("{}: {e}", src.display())))?;
+        let meta = std::fs::metadata(&src)
+            .map_err(|e| config(format!("{field}.source"), format!("{}: {e}", src.display())))?;
         if meta.is_dir() {
             mkdirs(plan, inp.rootfs, &target, &label)?;
         } else {
@@ -472,11 +500,20 @@ fn mount_ops(plan: &mut Plan, inp: &PlanInput<'_>, m: &Mount, i: usize, in_usern
         if rec {
             bflags |= MsFlags::MS_REC;
         }
-        plan.pre(Op::Mount { src: Some(cstr(&src, &field)?), target: tgt.clone(), fstype: None, flags: bflags, data: None }, label.clone());
+        plan.pre(
+            Op::Mount { src: Some(cstr(&src, &field)?), target: tgt.clone(), fstype: None, flags: bflags, data: None },
+            label.clone(),
+        );
         let remount = flags - MsFlags::MS_REMOUNT;
         if !remount.is_empty() {
             plan.pre(
-                Op::Mount { src: None, target: tgt.clone(), fstype: None, flags: MsFlags::MS_BIND | MsFlags::MS_REMOUNT | remount, data: None },
+                Op::Mount {
+                    src: None,
+                    target: tgt.clone(),
+                    fstype: None,
+                    flags: MsFlags::MS_BIND | MsFlags::MS_REMOUNT | remount,
+                    data: None,
+                },
                 format!("{label}: applying {opts:?}"),
             );
         }
@@ -487,7 +524,16 @@ fn mount_ops(plan: &mut Plan, inp: &PlanInput<'_>, m: &Mount, i: usize, in_usern
         let data_s = data.join(",");
         if in_userns && typ == "sysfs" && !plan.clone_flags.contains(CloneFlags::CLONE_NEWNET) {
             // sysfs needs the network namespace's owner: fall back to binding the host's.
-            plan.pre(Op::Mount { src: Some(cstr("/sys", "")?), target: tgt.clone(), fstype: None, flags: MsFlags::MS_BIND | MsFlags::MS_REC, data: None }, label.clone());
+            plan.pre(
+                Op::Mount {
+                    src: Some(cstr("/sys", "")?),
+                    target: tgt.clone(),
+                    fstype: None,
+                    flags: MsFlags::MS_BIND | MsFlags::MS_REC,
+                    data: None,
+                },
+                label.clone(),
+            );
             return Ok(());
         }
         if in_userns && typ == "mqueue" {
@@ -505,18 +551,37 @@ fn mount_ops(plan: &mut Plan, inp: &PlanInput<'_>, m: &Mount, i: usize, in_usern
         );
     }
     if !prop.is_empty() {
-        plan.pre(Op::Mount { src: None, target: tgt, fstype: None, flags: prop, data: None }, format!("{label}: propagation"));
+        plan.pre(
+            Op::Mount { src: None, target: tgt, fstype: None, flags: prop, data: None },
+            format!("{label}: propagation"),
+        );
     }
     Ok(())
 }
 
 /// A `cgroup` mount: cgroup2 on unified hosts; on v1 hosts a tmpfs with one mount per hierarchy.
-fn cgroup_ops(plan: &mut Plan, inp: &PlanInput<'_>, target: &Path, flags: MsFlags, label: &str, in_userns: bool) -> Result<()> {
+fn cgroup_ops(
+    plan: &mut Plan,
+    inp: &PlanInput<'_>,
+    target: &Path,
+    flags: MsFlags,
+    label: &str,
+    in_userns: bool,
+) -> Result<()> {
     mkdirs(plan, inp.rootfs, target, label)?;
     let tgt = cstr(target, label)?;
     let cg_flags = flags | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     if inp.cgroup_v2 {
-        plan.pre(Op::Mount { src: Some(cstr("cgroup2", "")?), target: tgt, fstype: Some(cstr("cgroup2", "")?), flags: cg_flags, data: None }, label.to_string());
+        plan.pre(
+            Op::Mount {
+                src: Some(cstr("cgroup2", "")?),
+                target: tgt,
+                fstype: Some(cstr("cgroup2", "")?),
+                flags: cg_flags,
+                data: None,
+            },
+            label.to_string(),
+        );
         return Ok(());
     }
     if in_userns && !plan.new_cgroupns {
@@ -525,7 +590,13 @@ fn cgroup_ops(plan: &mut Plan, inp: &PlanInput<'_>, target: &Path, flags: MsFlag
     }
     let tmp_flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     plan.pre(
-        Op::Mount { src: Some(cstr("tmpfs", "")?), target: tgt.clone(), fstype: Some(cstr("tmpfs", "")?), flags: tmp_flags, data: Some(cstr("mode=755", "")?) },
+        Op::Mount {
+            src: Some(cstr("tmpfs", "")?),
+            target: tgt.clone(),
+            fstype: Some(cstr("tmpfs", "")?),
+            flags: tmp_flags,
+            data: Some(cstr("mode=755", "")?),
+        },
         format!("{label}: tmpfs"),
     );
     for (ctrls, mount, _) in inp.cgroup_v1_mounts {
@@ -533,12 +604,27 @@ fn cgroup_ops(plan: &mut Plan, inp: &PlanInput<'_>, target: &Path, flags: MsFlag
         let sub = target.join(&name);
         plan.pre(Op::Mkdir(cstr(&sub, label)?), format!("{label}: creating {name}"));
         plan.pre(
-            Op::Mount { src: Some(cstr("cgroup", "")?), target: cstr(&sub, label)?, fstype: Some(cstr("cgroup", "")?), flags: cg_flags, data: Some(cstr(ctrls.join(","), label)?) },
+            Op::Mount {
+                src: Some(cstr("cgroup", "")?),
+                target: cstr(&sub, label)?,
+                fstype: Some(cstr("cgroup", "")?),
+                flags: cg_flags,
+                data: Some(cstr(ctrls.join(","), label)?),
+            },
             format!("{label}: cgroup v1 {}", ctrls.join(",")),
         );
     }
     if flags.contains(MsFlags::MS_RDONLY) {
-        plan.pre(Op::Mount { src: None, target: tgt, fstype: None, flags: MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | tmp_flags, data: None }, format!("{label}: read-only"));
+        plan.pre(
+            Op::Mount {
+                src: None,
+                target: tgt,
+                fstype: None,
+                flags: MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | tmp_flags,
+                data: None,
+            },
+            format!("{label}: read-only"),
+        );
     }
     Ok(())
 }
@@ -547,7 +633,9 @@ fn cgroup_ops(plan: &mut Plan, inp: &PlanInput<'_>, target: &Path, flags: MsFlag
 fn device_ops(plan: &mut Plan, spec: &Spec, rootfs: &Path, in_userns: bool, devpts: bool) -> Result<()> {
     use nix::sys::stat::SFlag;
     let mut devs: Vec<(PathBuf, SFlag, u64, u64, u32, u32, u32)> = Vec::new();
-    for (name, maj, min) in [("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9), ("tty", 5, 0)] {
+    for (name, maj, min) in
+        [("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9), ("tty", 5, 0)]
+    {
         devs.push((PathBuf::from("/dev").join(name), SFlag::S_IFCHR, maj, min, 0o666, 0, 0));
     }
     for (i, d) in spec.linux().as_ref().and_then(|l| l.devices().as_ref()).into_iter().flatten().enumerate() {
@@ -558,10 +646,21 @@ fn device_ops(plan: &mut Plan, spec: &Spec, rootfs: &Path, in_userns: bool, devp
             _ => return Err(config(format!("linux.devices[{i}].type"), "must be b, c, u or p")),
         };
         if !d.path().starts_with("/dev/") {
-            return Err(config(format!("linux.devices[{i}].path"), format!("{} is not under /dev", d.path().display())));
+            return Err(config(
+                format!("linux.devices[{i}].path"),
+                format!("{} is not under /dev", d.path().display()),
+            ));
         }
         devs.retain(|x| x.0 != *d.path());
-        devs.push((d.path().clone(), kind, d.major() as u64, d.minor() as u64, d.file_mode().unwrap_or(0o666), d.uid().unwrap_or(0), d.gid().unwrap_or(0)));
+        devs.push((
+            d.path().clone(),
+            kind,
+            d.major() as u64,
+            d.minor() as u64,
+            d.file_mode().unwrap_or(0o666),
+            d.uid().unwrap_or(0),
+            d.gid().unwrap_or(0),
+        ));
     }
     for (path, kind, maj, min, perm, uid, gid) in devs {
         let target = secure_join(rootfs, &path);
@@ -573,17 +672,35 @@ fn device_ops(plan: &mut Plan, spec: &Spec, rootfs: &Path, in_userns: bool, devp
         if in_userns {
             // mknod is not allowed in a user namespace: bind the host's node instead.
             plan.pre(Op::Touch(t.clone()), label.clone());
-            plan.pre(Op::Mount { src: Some(cstr(&path, &label)?), target: t, fstype: None, flags: MsFlags::MS_BIND, data: None }, label);
+            plan.pre(
+                Op::Mount {
+                    src: Some(cstr(&path, &label)?),
+                    target: t,
+                    fstype: None,
+                    flags: MsFlags::MS_BIND,
+                    data: None,
+                },
+                label,
+            );
         } else {
             plan.pre(Op::Mknod { path: t, kind, perm, dev: nix::sys::stat::makedev(maj, min), uid, gid }, label);
         }
     }
-    let mut links = vec![("/proc/self/fd", "/dev/fd"), ("/proc/self/fd/0", "/dev/stdin"), ("/proc/self/fd/1", "/dev/stdout"), ("/proc/self/fd/2", "/dev/stderr"), ("/proc/kcore", "/dev/core")];
+    let mut links = vec![
+        ("/proc/self/fd", "/dev/fd"),
+        ("/proc/self/fd/0", "/dev/stdin"),
+        ("/proc/self/fd/1", "/dev/stdout"),
+        ("/proc/self/fd/2", "/dev/stderr"),
+        ("/proc/kcore", "/dev/core"),
+    ];
     if devpts {
         links.push(("pts/ptmx", "/dev/ptmx"));
     }
     for (t, l) in links {
-        plan.pre(Op::Symlink { target: cstr(t, "")?, link: cstr(rootfs.join(&l[1..]), "")? }, format!("symlink {l} -> {t}"));
+        plan.pre(
+            Op::Symlink { target: cstr(t, "")?, link: cstr(rootfs.join(&l[1..]), "")? },
+            format!("symlink {l} -> {t}"),
+        );
     }
     Ok(())
 }
@@ -635,10 +752,17 @@ pub(crate) fn process_plan(spec: &Spec, p: &Process) -> Result<ProcPlan> {
     let candidates = if arg0.contains('/') {
         vec![cstr(&arg0, "process.args")?]
     } else {
-        let path = env.iter().find_map(|e| e.strip_prefix("PATH=")).unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
-        path.split(':').filter(|d| !d.is_empty()).map(|d| cstr(format!("{d}/{arg0}"), "process.args")).collect::<Result<_>>()?
+        let path = env
+            .iter()
+            .find_map(|e| e.strip_prefix("PATH="))
+            .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+        path.split(':')
+            .filter(|d| !d.is_empty())
+            .map(|d| cstr(format!("{d}/{arg0}"), "process.args"))
+            .collect::<Result<_>>()?
     };
-    let last_cap: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(40);
+    let last_cap: u32 =
+        std::fs::read_to_string("/proc/sys/kernel/cap_last_cap").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(40);
     let caps = match p.capabilities() {
         None => None,
         Some(c) => Some(CapSets {
@@ -676,14 +800,18 @@ pub(crate) fn process_plan(spec: &Spec, p: &Process) -> Result<ProcPlan> {
 /// Message the init sends when a step fails.
 pub(crate) fn describe_failure(plan: &Plan, step: u8, label: u32, errno: i32) -> Error {
     let what = match step {
-        crate::init::STEP_OP | crate::init::STEP_HOOK => plan.labels.get(label as usize).cloned().unwrap_or_else(|| "set-up".into()),
+        crate::init::STEP_OP | crate::init::STEP_HOOK => {
+            plan.labels.get(label as usize).cloned().unwrap_or_else(|| "set-up".into())
+        }
         s => crate::init::step_name(s).to_string(),
     };
     let e = nix::errno::Errno::from_raw(errno);
     let hint = match (step, e) {
         (crate::init::STEP_EXEC, nix::errno::Errno::ENOENT) => " (not found in the container's PATH or root)",
         (crate::init::STEP_EXEC, nix::errno::Errno::EACCES) => " (not executable)",
-        (crate::init::STEP_PIVOT, nix::errno::Errno::EINVAL) => " (the rootfs cannot be pivoted here, e.g. on a ramfs: retry with --no-pivot)",
+        (crate::init::STEP_PIVOT, nix::errno::Errno::EINVAL) => {
+            " (the rootfs cannot be pivoted here, e.g. on a ramfs: retry with --no-pivot)"
+        }
         _ => "",
     };
     Error::Init(format!("{what}: {e}{hint}"))

@@ -64,7 +64,8 @@ pub(crate) fn compile(s: &LinuxSeccomp) -> Result<Program> {
                 LinuxSeccompOperator::ScmpCmpGt => ScmpCompareOp::Greater,
                 LinuxSeccompOperator::ScmpCmpMaskedEq => ScmpCompareOp::MaskedEqual(a.value()),
             };
-            let datum = if matches!(op, ScmpCompareOp::MaskedEqual(_)) { a.value_two().unwrap_or(0) } else { a.value() };
+            let datum =
+                if matches!(op, ScmpCompareOp::MaskedEqual(_)) { a.value_two().unwrap_or(0) } else { a.value() };
             conds.push(ScmpArgCompare::new(a.index() as u32, op, datum));
         }
         for name in rule.names() {
@@ -93,7 +94,9 @@ pub(crate) fn compile(s: &LinuxSeccomp) -> Result<Program> {
     let mut file = std::fs::File::from(mem);
     ctx.export_bpf(file.as_fd()).map_err(|e| Error::Seccomp(format!("exporting BPF: {e}")))?;
     let mut bytes = Vec::new();
-    file.rewind().and_then(|_| file.read_to_end(&mut bytes)).map_err(|e| Error::Seccomp(format!("reading BPF: {e}")))?;
+    file.rewind()
+        .and_then(|_| file.read_to_end(&mut bytes))
+        .map_err(|e| Error::Seccomp(format!("reading BPF: {e}")))?;
     let filter = bytes
         .chunks_exact(8)
         .map(|c| libc::sock_filter {

@@ -22,7 +22,8 @@ pub struct Bundle {
 
 /// Read and check `bundle/config.json`: JSON, version, root, process.
 pub fn load(bundle: &Path) -> Result<Bundle> {
-    let dir = std::fs::canonicalize(bundle).map_err(|e| bundle_err(bundle, format!("cannot open the bundle directory: {e}")))?;
+    let dir = std::fs::canonicalize(bundle)
+        .map_err(|e| bundle_err(bundle, format!("cannot open the bundle directory: {e}")))?;
     let file = dir.join("config.json");
     let text = match std::fs::read_to_string(&file) {
         Ok(t) => t,
@@ -32,10 +33,16 @@ pub fn load(bundle: &Path) -> Result<Bundle> {
         Err(e) => return Err(bundle_err(&dir, format!("config.json: {e}"))),
     };
     let spec: Spec = serde_json::from_str(&text).map_err(|e| {
-        bundle_err(&dir, format!("config.json is not a valid runtime spec: {e} (line {}, column {})", e.line(), e.column()))
+        bundle_err(
+            &dir,
+            format!("config.json is not a valid runtime spec: {e} (line {}, column {})", e.line(), e.column()),
+        )
     })?;
     check_version(spec.version()).map_err(|m| bundle_err(&dir, format!("config.json: ociVersion: {m}")))?;
-    let root = spec.root().as_ref().ok_or_else(|| bundle_err(&dir, "config.json has no root: add \"root\": {\"path\": \"rootfs\"}"))?;
+    let root = spec
+        .root()
+        .as_ref()
+        .ok_or_else(|| bundle_err(&dir, "config.json has no root: add \"root\": {\"path\": \"rootfs\"}"))?;
     let rootfs = if root.path().is_absolute() { root.path().clone() } else { dir.join(root.path()) };
     match std::fs::metadata(&rootfs) {
         Ok(m) if m.is_dir() => {}

@@ -66,7 +66,8 @@ pub struct Record {
 impl Record {
     /// Write atomically to `dir/state.json`.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        let json = serde_json::to_vec(self).map_err(|e| crate::error::Error::Io { what: "encoding state".into(), source: e.into() })?;
+        let json = serde_json::to_vec(self)
+            .map_err(|e| crate::error::Error::Io { what: "encoding state".into(), source: e.into() })?;
         write_atomic(&dir.join("state.json"), &json)
     }
 

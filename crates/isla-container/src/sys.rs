@@ -84,7 +84,12 @@ pub fn seccomp_load(program: &[libc::sock_filter], flags: libc::c_ulong) -> Resu
     let prog = libc::sock_fprog { len: program.len() as u16, filter: program.as_ptr() as *mut libc::sock_filter };
     // SAFETY: `prog` points at `program`, which lives across the call; the kernel copies it.
     let r = unsafe {
-        libc::syscall(libc::SYS_seccomp, 1 as libc::c_ulong /* SECCOMP_SET_MODE_FILTER */, flags, &prog as *const _)
+        libc::syscall(
+            libc::SYS_seccomp,
+            1 as libc::c_ulong, /* SECCOMP_SET_MODE_FILTER */
+            flags,
+            &prog as *const _,
+        )
     };
     Errno::result(r).map(drop)
 }
@@ -166,7 +171,8 @@ extern "C" fn forward(sig: libc::c_int) {
 /// of a foreground `run`), as runc does.
 pub fn forward_signals(pid: Pid) {
     FORWARD_TO.store(pid.as_raw(), std::sync::atomic::Ordering::Relaxed);
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2, libc::SIGWINCH] {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2, libc::SIGWINCH]
+    {
         // SAFETY: installs a handler that only calls the async-signal-safe kill(2).
         unsafe { libc::signal(sig, forward as *const () as libc::sighandler_t) };
     }
@@ -175,7 +181,8 @@ pub fn forward_signals(pid: Pid) {
 /// Put this thread's handling of the forwarded signals back to the default.
 pub fn stop_forwarding() {
     FORWARD_TO.store(0, std::sync::atomic::Ordering::Relaxed);
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2, libc::SIGWINCH] {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2, libc::SIGWINCH]
+    {
         // SAFETY: restores the default disposition.
         unsafe { libc::signal(sig, libc::SIG_DFL) };
     }

@@ -61,7 +61,10 @@ pub fn make_rootfs(rootfs: &Path) -> std::io::Result<()> {
         let rel = format!("{}bin/busybox", "../".repeat(depth));
         let _ = std::os::unix::fs::symlink(rel, &target);
     }
-    std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n")?;
+    std::fs::write(
+        rootfs.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n",
+    )?;
     std::fs::write(rootfs.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n")?;
     Ok(())
 }
@@ -76,7 +79,8 @@ pub fn hide_unified_hierarchy() -> crate::Result<bool> {
         return Ok(false);
     }
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(crate::error::sys("unshare(CLONE_NEWNS)"))?;
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_SLAVE, None::<&str>).map_err(crate::error::sys("making / a slave mount"))?;
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_SLAVE, None::<&str>)
+        .map_err(crate::error::sys("making / a slave mount"))?;
     umount2(unified, MntFlags::MNT_DETACH).map_err(crate::error::sys("unmounting /sys/fs/cgroup/unified"))?;
     Ok(true)
 }

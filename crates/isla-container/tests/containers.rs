@@ -23,7 +23,8 @@ fn env(name: &str, script: &str) -> Env {
     let base = std::env::temp_dir().join(format!("isla-ct-{}", std::process::id()));
     std::fs::create_dir_all(&base).expect("temp dir");
     let rt = Runtime::new(base.join("state")).expect("runtime");
-    let bundle = TestBundle::new(&base, name, &["/bin/sh", "-c", script]).expect("busybox bundle (is busybox-static installed?)");
+    let bundle = TestBundle::new(&base, name, &["/bin/sh", "-c", script])
+        .expect("busybox bundle (is busybox-static installed?)");
     std::fs::create_dir_all(bundle.dir.join("out")).expect("out dir");
     let mut spec = serde_json::to_value(&bundle.spec).expect("spec");
     spec["mounts"].as_array_mut().expect("mounts").push(json!({
@@ -34,7 +35,8 @@ fn env(name: &str, script: &str) -> Env {
 
 impl Env {
     fn write(&self) {
-        std::fs::write(self.bundle.dir.join("config.json"), serde_json::to_vec_pretty(&self.spec).expect("json")).expect("config.json");
+        std::fs::write(self.bundle.dir.join("config.json"), serde_json::to_vec_pretty(&self.spec).expect("json"))
+            .expect("config.json");
     }
     fn run(&self) -> Result<i32, String> {
         self.write();
@@ -90,7 +92,10 @@ fn exit_codes_pass_through() -> TestResult {
 }
 
 fn sees_only_its_own_pids_hostname_mounts_and_network() -> TestResult {
-    let mut e = env("iso", "ps -o pid,comm > /out/ps; hostname > /out/host; cat /proc/mounts > /out/mounts; ls /sys/class/net > /out/net");
+    let mut e = env(
+        "iso",
+        "ps -o pid,comm > /out/ps; hostname > /out/host; cat /proc/mounts > /out/mounts; ls /sys/class/net > /out/net",
+    );
     e.spec["hostname"] = json!("inside");
     check(e.run()? == 0, "script failed")?;
     let ps = e.out("ps");
@@ -98,7 +103,10 @@ fn sees_only_its_own_pids_hostname_mounts_and_network() -> TestResult {
     check(pids.first() == Some(&"1") && pids.len() <= 2, format!("ps shows other processes: {ps}"))?;
     check(e.out("host").trim() == "inside", format!("hostname: {}", e.out("host")))?;
     let mounts = e.out("mounts");
-    check(!mounts.contains("/work") && mounts.lines().any(|l| l.split(' ').nth(1) == Some("/")), format!("mounts: {mounts}"))?;
+    check(
+        !mounts.contains("/work") && mounts.lines().any(|l| l.split(' ').nth(1) == Some("/")),
+        format!("mounts: {mounts}"),
+    )?;
     check(e.out("net").split_whitespace().collect::<Vec<_>>() == ["lo"], format!("network devices: {}", e.out("net")))
 }
 
@@ -134,7 +142,10 @@ fn seccomp_denies_a_blocked_syscall() -> TestResult {
         "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
     });
     e.run()?;
-    check(e.out("rc").trim() == "1" && e.out("err").contains("Operation not permitted"), format!("mkdir: {} {}", e.out("rc"), e.out("err")))?;
+    check(
+        e.out("rc").trim() == "1" && e.out("err").contains("Operation not permitted"),
+        format!("mkdir: {} {}", e.out("rc"), e.out("err")),
+    )?;
     check(e.out("alive").trim() == "alive", "other system calls were blocked too")
 }
 
@@ -154,7 +165,10 @@ fn pids_limit_stops_a_fork_bomb() -> TestResult {
     e.spec["linux"]["namespaces"].as_array_mut().ok_or("ns")?.push(json!({"type": "cgroup"}));
     let code = e.run()?;
     check(code == 0, format!("script ended with {code}"))?;
-    check(e.out("err").contains("can't fork") || e.out("err").contains("Resource temporarily unavailable"), format!("forks were not refused: {}", e.out("err")))?;
+    check(
+        e.out("err").contains("can't fork") || e.out("err").contains("Resource temporarily unavailable"),
+        format!("forks were not refused: {}", e.out("err")),
+    )?;
     let cur: u32 = e.out("cur").trim().parse().map_err(|_| format!("pids.current: {:?}", e.out("cur")))?;
     check(cur <= 8, format!("pids.current {cur} above the limit"))
 }
@@ -166,7 +180,10 @@ fn cpu_quota_throttles() -> TestResult {
     let stats = c.stats().map_err(|e| e.to_string())?;
     c.delete(true).map_err(|e| e.to_string())?;
     check(code == 0, format!("exit {code}"))?;
-    check(stats.cpu.throttling.throttled_periods > 0 && stats.cpu.throttling.throttled_time > 0, format!("not throttled: {stats:?}"))
+    check(
+        stats.cpu.throttling.throttled_periods > 0 && stats.cpu.throttling.throttled_time > 0,
+        format!("not throttled: {stats:?}"),
+    )
 }
 
 fn lifecycle_follows_the_spec() -> TestResult {
@@ -176,7 +193,11 @@ fn lifecycle_follows_the_spec() -> TestResult {
     check(c.state().map_err(|e| e.to_string())?.status == Status::Created, "not created")?;
     check(e.out("started").is_empty(), "the process ran before start")?;
     check(c.pid() > 0 && Path::new(&format!("/proc/{}", c.pid())).exists(), "no init process")?;
-    check(e.rt.create(&e.id, &e.bundle.dir, &CreateOptions::default()).is_err_and(|x| x.to_string().contains("already exists")), "duplicate id accepted")?;
+    check(
+        e.rt.create(&e.id, &e.bundle.dir, &CreateOptions::default())
+            .is_err_and(|x| x.to_string().contains("already exists")),
+        "duplicate id accepted",
+    )?;
     c.start().map_err(|e| e.to_string())?;
     let c = e.rt.load(&e.id).map_err(|e| e.to_string())?;
     check(c.state().map_err(|e| e.to_string())?.status == Status::Running, "not running after start")?;
@@ -194,7 +215,9 @@ fn lifecycle_follows_the_spec() -> TestResult {
     check(code.status() == Status::Paused, "not paused")?;
     code.resume().map_err(|e| e.to_string())?;
     check(code.status() == Status::Running, "not resumed")?;
-    let x = code.exec(&exec_process(&code, "hostname > /out/exec; exit 5"), &ExecOptions::default()).map_err(|e| e.to_string())?;
+    let x = code
+        .exec(&exec_process(&code, "hostname > /out/exec; exit 5"), &ExecOptions::default())
+        .map_err(|e| e.to_string())?;
     check(x == 5 && e.out("exec").trim() == "isla", format!("exec gave {x}, output {:?}", e.out("exec")))?;
     code.kill(Signal::SIGTERM, false).map_err(|e| e.to_string())?;
     let st = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(code.pid()), None).map_err(|e| e.to_string())?;
@@ -235,7 +258,11 @@ fn exec_process(c: &isla_container::Container, script: &str) -> isla_container::
 
 fn user_namespace_maps_ids() -> TestResult {
     let mut e = env("userns", "id -u > /out/id; cat /proc/self/uid_map > /out/map");
-    let out = std::process::Command::new("chown").args(["-R", "-h", "200000:200000"]).arg(&e.bundle.dir).status().map_err(|x| x.to_string())?;
+    let out = std::process::Command::new("chown")
+        .args(["-R", "-h", "200000:200000"])
+        .arg(&e.bundle.dir)
+        .status()
+        .map_err(|x| x.to_string())?;
     check(out.success(), "chown of the bundle")?;
     e.spec["linux"]["namespaces"].as_array_mut().ok_or("ns")?.push(json!({"type": "user"}));
     e.spec["linux"]["uidMappings"] = json!([{"containerID": 0, "hostID": 200000, "size": 65536}]);
@@ -243,7 +270,10 @@ fn user_namespace_maps_ids() -> TestResult {
     let code = e.run()?;
     check(code == 0, format!("exit {code}"))?;
     check(e.out("id").trim() == "0", format!("id -u: {}", e.out("id")))?;
-    check(e.out("map").split_whitespace().collect::<Vec<_>>() == ["0", "200000", "65536"], format!("uid_map: {}", e.out("map")))
+    check(
+        e.out("map").split_whitespace().collect::<Vec<_>>() == ["0", "200000", "65536"],
+        format!("uid_map: {}", e.out("map")),
+    )
 }
 
 fn cgroup_v2_in_a_cgroup_namespace() -> TestResult {
@@ -272,7 +302,10 @@ fn cgroup_v2_in_a_cgroup_namespace() -> TestResult {
         check(e.out("cg").lines().any(|l| l == "0::/"), format!("the container sees {:?}", e.out("cg")))?;
         check(e.out("ls").contains("cgroup.procs"), format!("no cgroup2 mount inside: {}", e.out("ls")))?;
         if hp {
-            check(std::fs::read_to_string(dir.join("hugetlb.2MB.max")).unwrap_or_default().trim() == "0", "hugetlb.2MB.max not set")?;
+            check(
+                std::fs::read_to_string(dir.join("hugetlb.2MB.max")).unwrap_or_default().trim() == "0",
+                "hugetlb.2MB.max not set",
+            )?;
         }
         c.pause().map_err(|e| e.to_string())?;
         check(c.status() == Status::Paused, "not frozen")?;
@@ -300,7 +333,11 @@ fn bad_bundles_get_clear_errors_and_leave_nothing() -> TestResult {
         ("version", Box::new(|e: &mut Env| e.spec["ociVersion"] = json!("2.0.0")), "isla implements 1.x"),
         ("norootfs", Box::new(|e: &mut Env| e.spec["root"]["path"] = json!("missing")), "root.path"),
         ("mem", Box::new(|e: &mut Env| e.spec["linux"]["resources"]["memory"] = json!({"limit": 100})), "too small"),
-        ("quota", Box::new(|e: &mut Env| e.spec["linux"]["resources"]["cpu"] = json!({"quota": 10, "period": 100000})), "at least 1000"),
+        (
+            "quota",
+            Box::new(|e: &mut Env| e.spec["linux"]["resources"]["cpu"] = json!({"quota": 10, "period": 100000})),
+            "at least 1000",
+        ),
         ("cpuset", Box::new(|e: &mut Env| e.spec["linux"]["resources"]["cpu"] = json!({"cpus": "999"})), "cpuset.cpus"),
         ("exe", Box::new(|e: &mut Env| e.spec["process"]["args"] = json!(["/no/such/program"])), "process.args[0]"),
     ];
@@ -342,9 +379,14 @@ fn hooks_get_the_state() -> TestResult {
         "startContainer": [{"path": "/bin/sh", "args": ["sh", "-c", "cat > /out/start.json"]}]
     });
     check(e.run()? == 0, "run")?;
-    let created: Value = serde_json::from_str(&e.out("create.json")).map_err(|x| format!("createRuntime state: {x}: {:?}", e.out("create.json")))?;
-    check(created["id"] == json!(e.id) && created["pid"].as_i64().is_some_and(|p| p > 0), format!("createRuntime state {created}"))?;
-    let started: Value = serde_json::from_str(&e.out("start.json")).map_err(|x| format!("startContainer state: {x}: {:?}", e.out("start.json")))?;
+    let created: Value = serde_json::from_str(&e.out("create.json"))
+        .map_err(|x| format!("createRuntime state: {x}: {:?}", e.out("create.json")))?;
+    check(
+        created["id"] == json!(e.id) && created["pid"].as_i64().is_some_and(|p| p > 0),
+        format!("createRuntime state {created}"),
+    )?;
+    let started: Value = serde_json::from_str(&e.out("start.json"))
+        .map_err(|x| format!("startContainer state: {x}: {:?}", e.out("start.json")))?;
     check(started["pid"] == created["pid"], format!("startContainer state {started}"))?;
     check(e.out("stop.json").contains("\"stopped\""), format!("poststop state {}", e.out("stop.json")))
 }

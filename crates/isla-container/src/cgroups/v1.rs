@@ -132,7 +132,11 @@ impl V1 {
 
     fn apply(&self, r: &LinuxResources) -> Result<()> {
         if let Some(c) = r.cpu() {
-            if c.shares().is_some_and(|s| s > 0) || c.quota().is_some() || c.period().is_some() || c.realtime_runtime().is_some() {
+            if c.shares().is_some_and(|s| s > 0)
+                || c.quota().is_some()
+                || c.period().is_some()
+                || c.realtime_runtime().is_some()
+            {
                 let d = self.need("cpu", "linux.resources.cpu")?;
                 if let Some(s) = c.shares().filter(|s| *s > 0) {
                     write(d, "cpu.shares", &s.to_string(), "linux.resources.cpu.shares")?;
@@ -154,24 +158,54 @@ impl V1 {
                 }
             }
             if let Some(cpus) = c.cpus().as_deref().filter(|s| !s.is_empty()) {
-                write(self.need("cpuset", "linux.resources.cpu.cpus")?, "cpuset.cpus", cpus, "linux.resources.cpu.cpus")?;
+                write(
+                    self.need("cpuset", "linux.resources.cpu.cpus")?,
+                    "cpuset.cpus",
+                    cpus,
+                    "linux.resources.cpu.cpus",
+                )?;
             }
             if let Some(mems) = c.mems().as_deref().filter(|s| !s.is_empty()) {
-                write(self.need("cpuset", "linux.resources.cpu.mems")?, "cpuset.mems", mems, "linux.resources.cpu.mems")?;
+                write(
+                    self.need("cpuset", "linux.resources.cpu.mems")?,
+                    "cpuset.mems",
+                    mems,
+                    "linux.resources.cpu.mems",
+                )?;
             }
         }
         if let Some(m) = r.memory() {
             let field = "linux.resources.memory";
-            if m.limit().is_some() || m.reservation().is_some() || m.swap().is_some() || m.swappiness().is_some() || m.disable_oom_killer().is_some() {
+            if m.limit().is_some()
+                || m.reservation().is_some()
+                || m.swap().is_some()
+                || m.swappiness().is_some()
+                || m.disable_oom_killer().is_some()
+            {
                 let d = self.need("memory", field)?;
                 if let Some(l) = m.limit() {
-                    write(d, "memory.limit_in_bytes", &limit_value(l, "linux.resources.memory.limit", "-1")?, "linux.resources.memory.limit")?;
+                    write(
+                        d,
+                        "memory.limit_in_bytes",
+                        &limit_value(l, "linux.resources.memory.limit", "-1")?,
+                        "linux.resources.memory.limit",
+                    )?;
                 }
                 if let Some(s) = m.swap() {
-                    write(d, "memory.memsw.limit_in_bytes", &limit_value(s, "linux.resources.memory.swap", "-1")?, "linux.resources.memory.swap")?;
+                    write(
+                        d,
+                        "memory.memsw.limit_in_bytes",
+                        &limit_value(s, "linux.resources.memory.swap", "-1")?,
+                        "linux.resources.memory.swap",
+                    )?;
                 }
                 if let Some(res) = m.reservation() {
-                    write(d, "memory.soft_limit_in_bytes", &limit_value(res, "linux.resources.memory.reservation", "-1")?, "linux.resources.memory.reservation")?;
+                    write(
+                        d,
+                        "memory.soft_limit_in_bytes",
+                        &limit_value(res, "linux.resources.memory.reservation", "-1")?,
+                        "linux.resources.memory.reservation",
+                    )?;
                 }
                 if let Some(sw) = m.swappiness() {
                     write(d, "memory.swappiness", &sw.to_string(), "linux.resources.memory.swappiness")?;
@@ -195,8 +229,17 @@ impl V1 {
             for wd in b.weight_device().iter().flatten() {
                 if let Some(w) = wd.weight() {
                     let d = self.need("blkio", field)?;
-                    let file = if d.join("blkio.weight_device").exists() { "blkio.weight_device" } else { "blkio.bfq.weight_device" };
-                    write(d, file, &format!("{}:{} {w}", wd.major(), wd.minor()), "linux.resources.blockIO.weightDevice")?;
+                    let file = if d.join("blkio.weight_device").exists() {
+                        "blkio.weight_device"
+                    } else {
+                        "blkio.bfq.weight_device"
+                    };
+                    write(
+                        d,
+                        file,
+                        &format!("{}:{} {w}", wd.major(), wd.minor()),
+                        "linux.resources.blockIO.weightDevice",
+                    )?;
                 }
             }
             let throttles: [(&Option<Vec<LinuxThrottleDevice>>, &str, &str); 4] = [
@@ -214,15 +257,30 @@ impl V1 {
         }
         for h in r.hugepage_limits().iter().flatten() {
             let d = self.need("hugetlb", "linux.resources.hugepageLimits")?;
-            write(d, &format!("hugetlb.{}.limit_in_bytes", h.page_size()), &h.limit().to_string(), "linux.resources.hugepageLimits")?;
+            write(
+                d,
+                &format!("hugetlb.{}.limit_in_bytes", h.page_size()),
+                &h.limit().to_string(),
+                "linux.resources.hugepageLimits",
+            )?;
         }
         if let Some(n) = r.network() {
             if let Some(id) = n.class_id() {
-                write(self.need("net_cls", "linux.resources.network")?, "net_cls.classid", &id.to_string(), "linux.resources.network.classID")?;
+                write(
+                    self.need("net_cls", "linux.resources.network")?,
+                    "net_cls.classid",
+                    &id.to_string(),
+                    "linux.resources.network.classID",
+                )?;
             }
             for p in n.priorities().iter().flatten() {
                 let d = self.need("net_prio", "linux.resources.network")?;
-                write(d, "net_prio.ifpriomap", &format!("{} {}", p.name(), p.priority()), "linux.resources.network.priorities")?;
+                write(
+                    d,
+                    "net_prio.ifpriomap",
+                    &format!("{} {}", p.name(), p.priority()),
+                    "linux.resources.network.priorities",
+                )?;
             }
         }
         if let Some(devs) = r.devices() {
@@ -239,7 +297,10 @@ impl V1 {
             }
         }
         if r.unified().as_ref().is_some_and(|u| !u.is_empty()) {
-            return Err(crate::error::config("linux.resources.unified", "only applies to cgroup v2, and this container uses v1"));
+            return Err(crate::error::config(
+                "linux.resources.unified",
+                "only applies to cgroup v2, and this container uses v1",
+            ));
         }
         Ok(())
     }
@@ -247,8 +308,18 @@ impl V1 {
 
 /// Device rules added after the spec's, as runc does.
 const DEFAULT_ALLOWED: &[&str] = &[
-    "c *:* m", "b *:* m", "c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 1:8 rwm", "c 1:9 rwm", "c 5:0 rwm", "c 5:1 rwm",
-    "c 5:2 rwm", "c 136:* rwm", "c 10:200 rwm",
+    "c *:* m",
+    "b *:* m",
+    "c 1:3 rwm",
+    "c 1:5 rwm",
+    "c 1:7 rwm",
+    "c 1:8 rwm",
+    "c 1:9 rwm",
+    "c 5:0 rwm",
+    "c 5:1 rwm",
+    "c 5:2 rwm",
+    "c 136:* rwm",
+    "c 10:200 rwm",
 ];
 
 /// A devices.allow / devices.deny line for one OCI device rule.
@@ -283,7 +354,10 @@ impl CgroupManager for V1 {
         let result = (|| {
             for h in &self.hierarchies {
                 if h.dir.exists() && read_pids(&h.dir).is_ok_and(|p| !p.is_empty()) {
-                    return Err(Error::Cgroup { path: h.dir.clone(), msg: "already exists and has processes in it".into() });
+                    return Err(Error::Cgroup {
+                        path: h.dir.clone(),
+                        msg: "already exists and has processes in it".into(),
+                    });
                 }
                 self.make(h, &mut made)?;
             }

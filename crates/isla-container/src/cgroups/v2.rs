@@ -62,9 +62,14 @@ impl V2 {
         }
         if r.block_io().as_ref().is_some_and(|b| {
             b.weight().is_some()
-                || [b.throttle_read_bps_device(), b.throttle_write_bps_device(), b.throttle_read_iops_device(), b.throttle_write_iops_device()]
-                    .iter()
-                    .any(|l| l.as_ref().is_some_and(|v| !v.is_empty()))
+                || [
+                    b.throttle_read_bps_device(),
+                    b.throttle_write_bps_device(),
+                    b.throttle_read_iops_device(),
+                    b.throttle_write_iops_device(),
+                ]
+                .iter()
+                .any(|l| l.as_ref().is_some_and(|v| !v.is_empty()))
         }) {
             n.push(("io", "linux.resources.blockIO"));
         }
@@ -131,10 +136,20 @@ impl V2 {
         }
         if let Some(m) = r.memory() {
             if let Some(l) = m.limit() {
-                write(d, "memory.max", &limit_value(l, "linux.resources.memory.limit", "max")?, "linux.resources.memory.limit")?;
+                write(
+                    d,
+                    "memory.max",
+                    &limit_value(l, "linux.resources.memory.limit", "max")?,
+                    "linux.resources.memory.limit",
+                )?;
             }
             if let Some(res) = m.reservation() {
-                write(d, "memory.low", &limit_value(res, "linux.resources.memory.reservation", "max")?, "linux.resources.memory.reservation")?;
+                write(
+                    d,
+                    "memory.low",
+                    &limit_value(res, "linux.resources.memory.reservation", "max")?,
+                    "linux.resources.memory.reservation",
+                )?;
             }
             if let Some(s) = m.swap() {
                 // OCI's swap is memory+swap; v2's memory.swap.max is swap alone.
@@ -164,16 +179,29 @@ impl V2 {
             ];
             for (list, key) in kinds {
                 for t in list.iter().flatten() {
-                    write(d, "io.max", &format!("{}:{} {key}={}", t.major(), t.minor(), t.rate()), "linux.resources.blockIO")?;
+                    write(
+                        d,
+                        "io.max",
+                        &format!("{}:{} {key}={}", t.major(), t.minor(), t.rate()),
+                        "linux.resources.blockIO",
+                    )?;
                 }
             }
         }
         for h in r.hugepage_limits().iter().flatten() {
-            write(d, &format!("hugetlb.{}.max", h.page_size()), &h.limit().to_string(), "linux.resources.hugepageLimits")?;
+            write(
+                d,
+                &format!("hugetlb.{}.max", h.page_size()),
+                &h.limit().to_string(),
+                "linux.resources.hugepageLimits",
+            )?;
         }
         for (k, v) in r.unified().iter().flatten() {
             if k.contains('/') || k.starts_with('.') {
-                return Err(crate::error::config("linux.resources.unified", format!("{k:?} is not a cgroup file name")));
+                return Err(crate::error::config(
+                    "linux.resources.unified",
+                    format!("{k:?} is not a cgroup file name"),
+                ));
             }
             write(d, k, v, &format!("linux.resources.unified.{k}"))?;
         }
