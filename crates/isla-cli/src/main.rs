@@ -30,7 +30,7 @@ enum Cmd {
     #[command(subcommand)]
     Guest(GuestCmd),
     /// Containers: the OCI runtime, with runc's command line (also as a symlink named isla-runc).
-    Runtime(runtime::RuntimeArgs),
+    Runtime(Box<runtime::RuntimeArgs>),
 }
 
 #[derive(Subcommand)]

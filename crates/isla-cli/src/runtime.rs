@@ -427,7 +427,7 @@ fn bench_in(b: &BenchArgs, tmp: &Path) -> Result<i32> {
     if hybrid {
         println!("(hybrid cgroup host: all runtimes ran in a private mount namespace without the unified hierarchy)");
     }
-    println!("{:<6} {:>8} {:>8} {:>8} {:>8}  {}", "", "median", "p90", "min", "max", "isla vs");
+    println!("{:<6} {:>8} {:>8} {:>8} {:>8}  isla vs", "", "median", "p90", "min", "max");
     let mut medians = Vec::new();
     for s in samples.iter_mut() {
         s.sort_by(|a, b| a.total_cmp(b));

@@ -276,7 +276,7 @@ pub(crate) struct PlanInput<'a> {
     pub bundle: &'a Path,
     pub rootfs: &'a Path,
     pub no_pivot: bool,
-    pub cgroup_v1_mounts: &'a [(Vec<String>, PathBuf, String)],
+    pub cgroup_v1_mounts: &'a [crate::cgroups::v1::Mount],
     pub cgroup_v2: bool,
     /// False for `exec` into a running container: no namespaces, mounts or root switch.
     pub full: bool,

@@ -326,8 +326,11 @@ fn cgroup_v2_in_a_cgroup_namespace() -> TestResult {
     check(!root.join("isla").join(&e.id).exists(), "cgroup left behind")
 }
 
+/// A bad-bundle case: name, how to spoil the spec, what the error must say.
+type Case = (&'static str, Box<dyn Fn(&mut Env)>, &'static str);
+
 fn bad_bundles_get_clear_errors_and_leave_nothing() -> TestResult {
-    let cases: Vec<(&str, Box<dyn Fn(&mut Env)>, &str)> = vec![
+    let cases: Vec<Case> = vec![
         ("nocfg", Box::new(|e: &mut Env| e.spec = Value::Null), "no config.json"),
         ("badjson", Box::new(|e: &mut Env| e.spec = json!("{ not json")), "not a valid runtime spec"),
         ("version", Box::new(|e: &mut Env| e.spec["ociVersion"] = json!("2.0.0")), "isla implements 1.x"),
@@ -391,8 +394,10 @@ fn hooks_get_the_state() -> TestResult {
     check(e.out("stop.json").contains("\"stopped\""), format!("poststop state {}", e.out("stop.json")))
 }
 
+type Test = (&'static str, fn() -> TestResult);
+
 fn main() -> std::process::ExitCode {
-    let tests: &[(&str, fn() -> TestResult)] = &[
+    let tests: &[Test] = &[
         ("exit_codes_pass_through", exit_codes_pass_through),
         ("sees_only_its_own_pids_hostname_mounts_and_network", sees_only_its_own_pids_hostname_mounts_and_network),
         ("read_only_root_refuses_writes", read_only_root_refuses_writes),

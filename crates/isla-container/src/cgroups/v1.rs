@@ -25,8 +25,21 @@ pub struct V1 {
     hierarchies: Vec<Hierarchy>,
 }
 
-/// The cgroup v1 mounts of this process: (controllers, mount point, root of the mount).
-pub fn mounts() -> Result<Vec<(Vec<String>, PathBuf, String)>> {
+/// One v1 mount: controllers, mount point, root of the mount.
+pub type Mount = (Vec<String>, PathBuf, String);
+
+/// The cgroup v1 mounts of this process (read once per process: a command looks at them up to
+/// three times, and they do not change under it).
+pub fn mounts() -> Result<Vec<Mount>> {
+    static CACHE: std::sync::OnceLock<Vec<Mount>> = std::sync::OnceLock::new();
+    if let Some(m) = CACHE.get() {
+        return Ok(m.clone());
+    }
+    let m = read_mounts()?;
+    Ok(CACHE.get_or_init(|| m).clone())
+}
+
+fn read_mounts() -> Result<Vec<Mount>> {
     let text = fs::read_to_string("/proc/self/mountinfo").map_err(crate::error::io("/proc/self/mountinfo"))?;
     let mut out = Vec::new();
     for line in text.lines() {
