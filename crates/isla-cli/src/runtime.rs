@@ -34,7 +34,7 @@ pub struct RuntimeArgs {
     debug: bool,
     /// Rootless mode follows the effective uid (runc's `--rootless true|false|auto` is accepted);
     /// with `spec`, write a rootless spec.
-    #[arg(long, global = true, num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, global = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     rootless: Option<String>,
     /// cgroup driver: auto (v2 on unified hosts, v1 otherwise), v1, v2 (the unified hierarchy,
     /// /sys/fs/cgroup/unified on hybrid hosts), none.

@@ -260,3 +260,35 @@ fn containerd_runs_a_container_through_ctr() {
         String::from_utf8_lossy(&left.stdout)
     );
 }
+
+#[test]
+fn rootless_run_as_an_unprivileged_user() {
+    // uid 65534 (nobody) runs the runtime: a user namespace maps it to root, no cgroup is made.
+    let s = Scratch::new("rootless");
+    let rootfs = s.0.join("bundle/rootfs");
+    isla_container::testutil::make_rootfs(&rootfs).expect("busybox rootfs");
+    assert!(Command::new("chown").args(["-R", "65534:65534"]).arg(&s.0).status().expect("chown").success());
+    let as_nobody = |args: &[&str]| -> Output {
+        Command::new("setpriv")
+            .args(["--reuid", "65534", "--regid", "65534", "--clear-groups", env!("CARGO_BIN_EXE_isla"), "runtime"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("setpriv (util-linux)")
+    };
+    let bundle = s.0.join("bundle");
+    let b = bundle.to_str().expect("path");
+    let spec = as_nobody(&["spec", "--rootless", "--bundle", b]);
+    assert!(spec.status.success(), "spec --rootless: {}", String::from_utf8_lossy(&spec.stderr));
+    let path = bundle.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).expect("config.json")).expect("JSON");
+    cfg["process"]["terminal"] = false.into();
+    cfg["process"]["args"] = serde_json::json!(["/bin/sh", "-c", "id -u; cat /proc/self/uid_map; exit 6"]);
+    std::fs::write(&path, cfg.to_string()).expect("config.json");
+    let root = s.0.join("state");
+    let run = as_nobody(&["--root", root.to_str().expect("path"), "run", "--bundle", b, &format!("rl-{}", std::process::id())]);
+    let out = String::from_utf8_lossy(&run.stdout);
+    assert_eq!(run.status.code(), Some(6), "{out} {}", String::from_utf8_lossy(&run.stderr));
+    let lines: Vec<Vec<&str>> = out.lines().map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(lines, [vec!["0"], vec!["0", "65534", "1"]], "{out}");
+}
