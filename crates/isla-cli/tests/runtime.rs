@@ -286,7 +286,14 @@ fn rootless_run_as_an_unprivileged_user() {
     cfg["process"]["args"] = serde_json::json!(["/bin/sh", "-c", "id -u; cat /proc/self/uid_map; exit 6"]);
     std::fs::write(&path, cfg.to_string()).expect("config.json");
     let root = s.0.join("state");
-    let run = as_nobody(&["--root", root.to_str().expect("path"), "run", "--bundle", b, &format!("rl-{}", std::process::id())]);
+    let run = as_nobody(&[
+        "--root",
+        root.to_str().expect("path"),
+        "run",
+        "--bundle",
+        b,
+        &format!("rl-{}", std::process::id()),
+    ]);
     let out = String::from_utf8_lossy(&run.stdout);
     assert_eq!(run.status.code(), Some(6), "{out} {}", String::from_utf8_lossy(&run.stderr));
     let lines: Vec<Vec<&str>> = out.lines().map(|l| l.split_whitespace().collect()).collect();

@@ -59,6 +59,8 @@ pub struct Container {
 /// A cloned init that is not yet a recorded container: killed and cleaned up if dropped.
 struct Launch {
     pid: Pid,
+    /// The plan's step labels, to describe a failure the init reports after `launch`.
+    labels: Vec<String>,
     sock: OwnedFd,
     console: Option<OwnedFd>,
     cleanup: Cleanup,
@@ -149,7 +151,7 @@ impl Runtime {
         container.record.save(&container.dir)?;
         crate::sys::forward_signals(launch.pid);
         let console = launch.console.take().map(crate::console::Relay::start);
-        let result = release(&launch.sock, &container.dir.join("init"), None).and_then(|()| {
+        let result = release(&launch.sock, &launch.labels).and_then(|()| {
             let hooks = container.record.spec.hooks().as_ref().and_then(|h| h.poststart().clone()).unwrap_or_default();
             if let Err(e) = hooks::run(&hooks, &container.state_json()?, "poststart") {
                 tracing::warn!("{e}");
@@ -265,7 +267,7 @@ impl Runtime {
         let wait_parent = plan.new_userns || !plan.container_hooks.is_empty() || !plan.start_hooks.is_empty();
         let (pid, sock, procs_fds) = spawn(&mut plan, &procs, wait_parent, start, console)?;
         cleanup.pid = Some(pid);
-        let mut launch = Launch { pid, sock, console: None, cleanup };
+        let mut launch = Launch { pid, labels: Vec::new(), sock, console: None, cleanup };
         record.state.pid = pid.as_raw();
         if let Some(adj) = plan.proc.oom_score_adj {
             fs::write(format!("/proc/{pid}/oom_score_adj"), adj.to_string()).map_err(io("process.oomScoreAdj"))?;
@@ -300,10 +302,13 @@ impl Runtime {
                         .map_err(sys("sync with the init"))?;
                 }
                 Some(m) if m.tag == MSG_READY => break,
-                Some(m) if m.tag == MSG_ERROR => return Err(plan::describe_failure(&plan, m.step, m.label, m.value)),
+                Some(m) if m.tag == MSG_ERROR => {
+                    return Err(plan::describe_failure(&plan.labels, m.step, m.label, m.value))
+                }
                 Some(m) => return Err(Error::Init(format!("unexpected message {}", m.tag))),
             }
         }
+        launch.labels = std::mem::take(&mut plan.labels);
         record.init_start = state::process_start(pid.as_raw()).unwrap_or(0);
         record.state.status = Status::Created;
         record.save(&dir)?;
@@ -444,15 +449,10 @@ fn recv_with_fd(sock: &OwnedFd) -> Result<(Option<Msg>, Option<OwnedFd>)> {
 }
 
 /// Let the init exec and learn whether the exec worked (EOF: the socket closed on exec).
-fn release(sock: &OwnedFd, _label: &Path, plan: Option<&Plan>) -> Result<()> {
+fn release(sock: &OwnedFd, labels: &[String]) -> Result<()> {
     init::send(sock.as_fd(), Msg { tag: MSG_GO, step: 0, label: 0, value: 0 }).map_err(sys("starting the process"))?;
     match recv_with_fd(sock)? {
-        (Some(m), _) if m.tag == MSG_ERROR => Err(match plan {
-            Some(p) => plan::describe_failure(p, m.step, m.label, m.value),
-            None => {
-                Error::Init(format!("{}: {}", init::step_name(m.step), nix::errno::Errno::from_raw(m.value).desc()))
-            }
-        }),
+        (Some(m), _) if m.tag == MSG_ERROR => Err(plan::describe_failure(labels, m.step, m.label, m.value)),
         _ => Ok(()),
     }
 }
@@ -736,12 +736,12 @@ impl Container {
                 (None, None) => return Err(init_died(child)),
                 (Some(m), _) if m.tag == MSG_READY => break,
                 (Some(m), _) if m.tag == MSG_ERROR => {
-                    return Err(plan::describe_failure(&plan, m.step, m.label, m.value))
+                    return Err(plan::describe_failure(&plan.labels, m.step, m.label, m.value))
                 }
                 (Some(m), _) => return Err(Error::Init(format!("unexpected message {}", m.tag))),
             }
         }
-        release(&sock, &self.dir, Some(&plan))?;
+        release(&sock, &plan.labels)?;
         guard.pid = None;
         if let Some(p) = &opts.pid_file {
             state::write_atomic(p, child.as_raw().to_string().as_bytes())?;

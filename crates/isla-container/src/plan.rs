@@ -797,11 +797,11 @@ pub(crate) fn process_plan(spec: &Spec, p: &Process) -> Result<ProcPlan> {
     })
 }
 
-/// Message the init sends when a step fails.
-pub(crate) fn describe_failure(plan: &Plan, step: u8, label: u32, errno: i32) -> Error {
+/// The error for a failure the init reported: (step, index into the plan's labels, errno).
+pub(crate) fn describe_failure(labels: &[String], step: u8, label: u32, errno: i32) -> Error {
     let what = match step {
         crate::init::STEP_OP | crate::init::STEP_HOOK => {
-            plan.labels.get(label as usize).cloned().unwrap_or_else(|| "set-up".into())
+            labels.get(label as usize).cloned().unwrap_or_else(|| "set-up".into())
         }
         s => crate::init::step_name(s).to_string(),
     };

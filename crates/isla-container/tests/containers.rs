@@ -201,7 +201,11 @@ fn lifecycle_follows_the_spec() -> TestResult {
     c.start().map_err(|e| e.to_string())?;
     let c = e.rt.load(&e.id).map_err(|e| e.to_string())?;
     check(c.state().map_err(|e| e.to_string())?.status == Status::Running, "not running after start")?;
-    check(c.clone_delete_refused(), "delete of a running container without force succeeded")?;
+    let refused = e.rt.load(&e.id).map_err(|e| e.to_string())?.delete(false);
+    check(
+        refused.is_err_and(|x| x.to_string().contains("--force")),
+        "delete of a running container without force succeeded",
+    )?;
     for _ in 0..500 {
         if !e.out("started").is_empty() {
             break;
@@ -227,27 +231,6 @@ fn lifecycle_follows_the_spec() -> TestResult {
     code.delete(false).map_err(|e| e.to_string())?;
     check(matches!(e.rt.load(&e.id), Err(isla_container::Error::NotFound(_))), "state remains after delete")?;
     check(v1_cgroup_dirs(&e.id).iter().all(|d| !d.exists()), "cgroup remains after delete")
-}
-
-trait DeleteCheck {
-    fn clone_delete_refused(&self) -> bool;
-}
-impl DeleteCheck for isla_container::Container {
-    fn clone_delete_refused(&self) -> bool {
-        // delete consumes the handle: refusing it must leave the container intact.
-        matches!(self.status(), Status::Running)
-            && isla_container::Runtime::new(self.spec_root())
-                .and_then(|rt| rt.load(self.id()))
-                .is_ok_and(|c| c.delete(false).is_err())
-    }
-}
-trait SpecRoot {
-    fn spec_root(&self) -> PathBuf;
-}
-impl SpecRoot for isla_container::Container {
-    fn spec_root(&self) -> PathBuf {
-        std::env::temp_dir().join(format!("isla-ct-{}", std::process::id())).join("state")
-    }
 }
 
 fn exec_process(c: &isla_container::Container, script: &str) -> isla_container::Process {
@@ -394,6 +377,71 @@ fn hooks_get_the_state() -> TestResult {
     check(e.out("stop.json").contains("\"stopped\""), format!("poststop state {}", e.out("stop.json")))
 }
 
+fn terminal_goes_to_the_console_socket() -> TestResult {
+    use std::io::Read;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let mut e = env("tty", "[ -t 0 ] && [ -t 1 ] && echo on-a-tty; tty");
+    e.spec["process"]["terminal"] = json!(true);
+    e.write();
+    let sock = e.bundle.dir.join("console.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).map_err(|x| x.to_string())?;
+    let opts = CreateOptions { console_socket: Some(sock), ..Default::default() };
+    let mut c = e.rt.create(&e.id, &e.bundle.dir, &opts).map_err(|x| x.to_string())?;
+    let (conn, _) = listener.accept().map_err(|x| x.to_string())?;
+    let mut buf = [0u8; 16];
+    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let msg = nix::sys::socket::recvmsg::<()>(
+        conn.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        nix::sys::socket::MsgFlags::empty(),
+    )
+    .map_err(|x| x.to_string())?;
+    let mut master = None;
+    for m in msg.cmsgs().map_err(|x| x.to_string())? {
+        if let nix::sys::socket::ControlMessageOwned::ScmRights(fds) = m {
+            // SAFETY: the descriptor was just received from the runtime and is owned here.
+            master = fds.first().map(|f| unsafe { OwnedFd::from_raw_fd(*f) });
+        }
+    }
+    let master = master.ok_or("no terminal master received")?;
+    c.start().map_err(|x| x.to_string())?;
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(c.pid()), None);
+    let mut out = String::new();
+    let mut f = std::fs::File::from(master);
+    let mut chunk = [0u8; 256];
+    while let Ok(n) = f.read(&mut chunk) {
+        if n == 0 {
+            break;
+        }
+        out.push_str(&String::from_utf8_lossy(&chunk[..n]));
+    }
+    c.delete(true).map_err(|x| x.to_string())?;
+    check(out.contains("on-a-tty") && out.contains("/dev/pts/0"), format!("terminal output: {out:?}"))
+}
+
+fn joins_namespaces_by_path_and_runs_without_pivot_root() -> TestResult {
+    let mut a = env("nsa", "sleep 30");
+    a.spec["hostname"] = json!("first");
+    a.write();
+    let mut ca = a.rt.create(&a.id, &a.bundle.dir, &CreateOptions::default()).map_err(|x| x.to_string())?;
+    ca.start().map_err(|x| x.to_string())?;
+    let mut b = env("nsb", "hostname > /out/host");
+    for ns in b.spec["linux"]["namespaces"].as_array_mut().ok_or("ns")? {
+        if ns["type"] == "uts" {
+            ns["path"] = json!(format!("/proc/{}/ns/uts", ca.pid()));
+        }
+    }
+    b.spec["hostname"] = Value::Null;
+    b.write();
+    let opts = CreateOptions { no_pivot: true, ..Default::default() };
+    let code = b.rt.run(&b.id, &b.bundle.dir, &opts).map_err(|x| x.to_string());
+    ca.delete(true).map_err(|x| x.to_string())?;
+    check(code? == 0, "second container failed")?;
+    check(b.out("host").trim() == "first", format!("joined uts namespace shows {:?}", b.out("host")))
+}
+
 type Test = (&'static str, fn() -> TestResult);
 
 fn main() -> std::process::ExitCode {
@@ -411,6 +459,8 @@ fn main() -> std::process::ExitCode {
         ("cgroup_v2_in_a_cgroup_namespace", cgroup_v2_in_a_cgroup_namespace),
         ("bad_bundles_get_clear_errors_and_leave_nothing", bad_bundles_get_clear_errors_and_leave_nothing),
         ("hooks_get_the_state", hooks_get_the_state),
+        ("terminal_goes_to_the_console_socket", terminal_goes_to_the_console_socket),
+        ("joins_namespaces_by_path_and_runs_without_pivot_root", joins_namespaces_by_path_and_runs_without_pivot_root),
     ];
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     if std::env::args().any(|a| a == "--list") {
