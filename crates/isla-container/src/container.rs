@@ -238,11 +238,7 @@ impl Runtime {
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(Error::Exists(id.to_string())),
             Err(e) => return Err(Error::Io { what: format!("creating {}", dir.display()), source: e }),
         }
-        let mut cleanup = Cleanup { dir: Some(dir.clone()), cgroup: None, pid: None };
-        if let Some(cg) = &cg {
-            cg.create(b.spec.linux().as_ref().and_then(|l| l.resources().as_ref()))?;
-        }
-        cleanup.cgroup = cg;
+        let cleanup = Cleanup { dir: Some(dir.clone()), cgroup: None, pid: None };
         let start = match mode {
             Mode::Run => StartWait::Socket,
             Mode::Create => {
@@ -263,26 +259,25 @@ impl Runtime {
             )),
             None => None,
         };
-        let procs = cleanup.cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default();
-        let wait_parent = plan.new_userns || !plan.container_hooks.is_empty() || !plan.start_hooks.is_empty();
-        let (pid, sock, procs_fds) = spawn(&mut plan, &procs, wait_parent, start, console)?;
-        cleanup.pid = Some(pid);
+        let (pid, sock) = spawn(&mut plan, start, console)?;
         let mut launch = Launch { pid, labels: Vec::new(), sock, console: None, cleanup };
+        launch.cleanup.pid = Some(pid);
         record.state.pid = pid.as_raw();
+        if plan.new_userns {
+            write_id_maps(pid, &b.spec)?;
+        }
+        // The init does its mounts meanwhile; it waits for the go-ahead only where it needs the
+        // cgroup (see init::setup).
+        if let Some(cg) = &cg {
+            cg.create(b.spec.linux().as_ref().and_then(|l| l.resources().as_ref()))?;
+        }
+        launch.cleanup.cgroup = cg;
+        join_cgroup(launch.cleanup.cgroup.as_deref(), pid)?;
         if let Some(adj) = plan.proc.oom_score_adj {
             fs::write(format!("/proc/{pid}/oom_score_adj"), adj.to_string()).map_err(io("process.oomScoreAdj"))?;
         }
-        if wait_parent {
-            if plan.new_userns {
-                write_id_maps(pid, &b.spec)?;
-            }
-            for fd in &procs_fds {
-                nix::unistd::write(fd, pid.as_raw().to_string().as_bytes()).map_err(sys("joining the cgroup"))?;
-            }
-            init::send(launch.sock.as_fd(), Msg { tag: MSG_GO, step: 0, label: 0, value: pid.as_raw() })
-                .map_err(sys("sync with the init"))?;
-        }
-        drop(procs_fds);
+        init::send(launch.sock.as_fd(), Msg { tag: MSG_GO, step: 0, label: 0, value: pid.as_raw() })
+            .map_err(sys("sync with the init"))?;
         loop {
             let (msg, fd) = recv_with_fd(&launch.sock)?;
             if let Some(fd) = fd {
@@ -368,24 +363,18 @@ fn init_died(pid: Pid) -> Error {
     Error::Init(format!("the init process {how} before it was ready"))
 }
 
-/// Clone the init (joining a pid namespace by path around the clone) and return its pid, the
-/// runtime's end of the sync socket and the opened cgroup.procs files.
-fn spawn(
-    plan: &mut Plan,
-    procs: &[PathBuf],
-    wait_parent: bool,
-    start: StartWait,
-    console: Option<OwnedFd>,
-) -> Result<(Pid, OwnedFd, Vec<OwnedFd>)> {
-    let mut procs_fds = Vec::new();
-    for p in procs {
-        let f = fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(p)
-            .map_err(|e| Error::Cgroup { path: p.clone(), msg: format!("opening: {e}") })?;
-        procs_fds.push(OwnedFd::from(f));
+/// Put `pid` into every directory of the cgroup.
+fn join_cgroup(cg: Option<&dyn CgroupManager>, pid: Pid) -> Result<()> {
+    for p in cg.map(|c| c.procs_files()).unwrap_or_default() {
+        fs::write(&p, pid.as_raw().to_string())
+            .map_err(|e| Error::Cgroup { path: p.clone(), msg: format!("adding pid {pid}: {e}") })?;
     }
+    Ok(())
+}
+
+/// Clone the init (joining a pid namespace by path around the clone) and return its pid and the
+/// runtime's end of the sync socket.
+fn spawn(plan: &mut Plan, start: StartWait, console: Option<OwnedFd>) -> Result<(Pid, OwnedFd)> {
     let (parent, child) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
         .map_err(sys("socketpair"))?;
     let own_pidns = match &plan.pid_join {
@@ -402,17 +391,10 @@ fn spawn(
     }
     match forked.map_err(sys("clone (namespaces in linux.namespaces)"))? {
         crate::sys::Forked::Child => {
-            let fds = ChildFds {
-                sock: child,
-                parent_end: parent.as_raw_fd(),
-                wait_parent,
-                cgroup_procs: if wait_parent { Vec::new() } else { procs_fds },
-                start,
-                console,
-            };
+            let fds = ChildFds { sock: child, parent_end: parent.as_raw_fd(), start, console };
             init::run(plan, fds)
         }
-        crate::sys::Forked::Parent(pid) => Ok((pid, parent, if wait_parent { procs_fds } else { Vec::new() })),
+        crate::sys::Forked::Parent(pid) => Ok((pid, parent)),
     }
 }
 
@@ -726,9 +708,12 @@ impl Container {
             )),
             None => None,
         };
-        let procs = self.cgroup()?.map(|c| c.procs_files()).unwrap_or_default();
-        let (child, sock, _) = spawn(&mut plan, &procs, false, StartWait::Socket, console)?;
+        let cg = self.cgroup()?;
+        let (child, sock) = spawn(&mut plan, StartWait::Socket, console)?;
         let mut guard = Cleanup { dir: None, cgroup: None, pid: Some(child) };
+        join_cgroup(cg.as_deref(), child)?;
+        init::send(sock.as_fd(), Msg { tag: MSG_GO, step: 0, label: 0, value: child.as_raw() })
+            .map_err(sys("sync with the process"))?;
         let mut relay = None;
         loop {
             match recv_with_fd(&sock)? {

@@ -116,8 +116,6 @@ pub(crate) enum StartWait {
 pub(crate) struct ChildFds {
     pub sock: OwnedFd,
     pub parent_end: RawFd,
-    pub wait_parent: bool,
-    pub cgroup_procs: Vec<OwnedFd>,
     pub start: StartWait,
     /// Where the terminal's master goes: the console socket, or the sync socket for `run`.
     pub console: Option<OwnedFd>,
@@ -149,23 +147,33 @@ fn at(step: u8) -> impl Fn(Errno) -> Fail {
     move |e| (step, 0, e)
 }
 
-fn setup(plan: &mut Plan, fds: &ChildFds) -> Result<(), Fail> {
-    let sock = fds.sock.as_fd();
-    if fds.wait_parent {
-        match recv(sock).map_err(at(STEP_CGROUP_JOIN))? {
-            Some(m) if m.tag == MSG_GO => write_pid(plan, m.value),
-            _ => sys::exit_now(1),
-        }
-    } else {
-        for fd in &fds.cgroup_procs {
-            nix::unistd::write(fd, b"0").map_err(at(STEP_CGROUP_JOIN))?;
-        }
-    }
-    for j in &plan.joins {
-        nix::sched::setns(&j.fd, j.kind).map_err(at(STEP_SETNS))?;
+/// Wait for the runtime's go-ahead: user namespace maps written, cgroup joined. The message
+/// carries the init's pid as the runtime sees it (for hooks' state). A new cgroup namespace is
+/// made right after, so that its root is the container's cgroup.
+fn wait_go(plan: &mut Plan, sock: BorrowedFd<'_>) -> Result<(), Fail> {
+    match recv(sock).map_err(at(STEP_CGROUP_JOIN))? {
+        Some(m) if m.tag == MSG_GO => write_pid(plan, m.value),
+        _ => sys::exit_now(1),
     }
     if plan.new_cgroupns {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP).map_err(at(STEP_CGROUPNS))?;
+    }
+    Ok(())
+}
+
+fn setup(plan: &mut Plan, fds: &ChildFds) -> Result<(), Fail> {
+    let sock = fds.sock.as_fd();
+    // With a new user namespace nothing can happen before the maps exist. Otherwise the runtime
+    // makes the cgroup while the mounts below go on, and the init waits only where it needs the
+    // cgroup: before the first cgroup mount, or after the last mount.
+    let wait_at = if plan.new_userns {
+        wait_go(plan, sock)?;
+        usize::MAX
+    } else {
+        plan.wait_at.min(plan.pre.len())
+    };
+    for j in &plan.joins {
+        nix::sched::setns(&j.fd, j.kind).map_err(at(STEP_SETNS))?;
     }
     if plan.new_userns {
         // Become the namespace's root for the set-up (the maps are written by now).
@@ -178,8 +186,15 @@ fn setup(plan: &mut Plan, fds: &ChildFds) -> Result<(), Fail> {
     if let Some(d) = &plan.domainname {
         sys::setdomainname(d.to_bytes()).map_err(at(STEP_DOMAIN))?;
     }
-    for (op, label) in &plan.pre {
+    for i in 0..plan.pre.len() {
+        if i == wait_at {
+            wait_go(plan, sock)?;
+        }
+        let (op, label) = &plan.pre[i];
         do_op(op).map_err(|e| (STEP_OP, *label as u32, e))?;
+    }
+    if wait_at == plan.pre.len() {
+        wait_go(plan, sock)?;
     }
     if plan.runtime_hooks {
         send(sock, Msg { tag: MSG_HOOKS, step: 0, label: 0, value: 0 }).map_err(at(STEP_OP))?;

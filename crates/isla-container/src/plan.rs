@@ -123,6 +123,9 @@ pub(crate) struct Plan {
     pub start_hooks: Vec<(HookCmd, usize)>,
     pub proc: ProcPlan,
     pub labels: Vec<String>,
+    /// Index of the first `pre` op that needs the cgroup (a cgroup mount); the init waits for the
+    /// runtime there. usize::MAX: after all of them.
+    pub wait_at: usize,
     /// State JSON for hooks run by the init, with a 10-character space for the pid at `pid_at`.
     pub hook_state: Vec<u8>,
     pub pid_at: usize,
@@ -301,6 +304,7 @@ pub(crate) fn build(inp: &PlanInput<'_>, process: &Process, hook_state: Option<S
         start_hooks: Vec::new(),
         proc: process_plan(spec, process)?,
         labels: Vec::new(),
+        wait_at: usize::MAX,
         hook_state: Vec::new(),
         pid_at: 0,
     };
@@ -568,6 +572,7 @@ fn cgroup_ops(
     label: &str,
     in_userns: bool,
 ) -> Result<()> {
+    plan.wait_at = plan.wait_at.min(plan.pre.len());
     mkdirs(plan, inp.rootfs, target, label)?;
     let tgt = cstr(target, label)?;
     let cg_flags = flags | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
