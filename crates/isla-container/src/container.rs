@@ -269,7 +269,7 @@ impl Runtime {
         // The init does its mounts meanwhile; it waits for the go-ahead only where it needs the
         // cgroup (see init::setup).
         if let Some(cg) = &cg {
-            cg.create(b.spec.linux().as_ref().and_then(|l| l.resources().as_ref()))?;
+            cg.create(resources_with_devices(&b.spec).as_ref())?;
         }
         launch.cleanup.cgroup = cg;
         join_cgroup(launch.cleanup.cgroup.as_deref(), pid)?;
@@ -361,6 +361,25 @@ fn init_died(pid: Pid) -> Error {
         _ => "ended".into(),
     };
     Error::Init(format!("the init process {how} before it was ready"))
+}
+
+/// The spec's resources, with an allow rule for every device in linux.devices appended to the
+/// device rules (as runc does: a device the container is given is a device it may use).
+fn resources_with_devices(spec: &oci_spec::runtime::Spec) -> Option<oci_spec::runtime::LinuxResources> {
+    let linux = spec.linux().as_ref()?;
+    let mut r = linux.resources().clone()?;
+    if let Some(rules) = r.devices_mut() {
+        for d in linux.devices().iter().flatten() {
+            let mut rule = oci_spec::runtime::LinuxDeviceCgroup::default();
+            rule.set_allow(true);
+            rule.set_typ(Some(d.typ()));
+            rule.set_major(Some(d.major()));
+            rule.set_minor(Some(d.minor()));
+            rule.set_access(Some("rwm".into()));
+            rules.push(rule);
+        }
+    }
+    Some(r)
 }
 
 /// Put `pid` into every directory of the cgroup.
