@@ -26,6 +26,11 @@ fn oci_name<T: serde::Serialize>(v: &T) -> String {
 
 fn action(a: LinuxSeccompAction, errno: Option<u32>, field: &str) -> Result<ScmpAction> {
     let name = oci_name(&a);
+    if a == LinuxSeccompAction::ScmpActNotify {
+        return Err(Error::Seccomp(format!(
+            "{field}: SCMP_ACT_NOTIFY needs a seccomp listener, which isla does not support"
+        )));
+    }
     let val = match a {
         LinuxSeccompAction::ScmpActErrno => Some(errno.unwrap_or(libc::EPERM as u32) as i32),
         LinuxSeccompAction::ScmpActTrace => Some(errno.unwrap_or(0) as i32),
@@ -36,6 +41,9 @@ fn action(a: LinuxSeccompAction, errno: Option<u32>, field: &str) -> Result<Scmp
 
 /// Compile `s`.
 pub(crate) fn compile(s: &LinuxSeccomp) -> Result<Program> {
+    if s.listener_path().is_some() {
+        return Err(Error::Seccomp("listenerPath: seccomp notification is not supported by isla".into()));
+    }
     let default = action(s.default_action(), s.default_errno_ret(), "defaultAction")?;
     let mut ctx = ScmpFilterContext::new(default).map_err(|e| Error::Seccomp(format!("creating the filter: {e}")))?;
     // NO_NEW_PRIVS is the process's business (process.noNewPrivileges), not the filter's.
