@@ -163,15 +163,20 @@ pub(crate) fn ns_flag(t: LinuxNamespaceType) -> Option<CloneFlags> {
 /// `rootfs` joined with the container path `dest`, resolving symbolic links inside `rootfs` so
 /// that a link in the image cannot send a mount outside it.
 pub(crate) fn secure_join(rootfs: &Path, dest: &Path) -> PathBuf {
-    let mut parts: Vec<PathBuf> = dest
-        .components()
-        .filter_map(|c| match c {
-            Component::Normal(n) => Some(PathBuf::from(n)),
-            Component::ParentDir => Some(PathBuf::from("..")),
-            _ => None,
-        })
-        .collect();
-    parts.reverse();
+    // The components still to walk, last first (a stack).
+    let stack = |p: &Path| -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = p
+            .components()
+            .filter_map(|c| match c {
+                Component::Normal(n) => Some(PathBuf::from(n)),
+                Component::ParentDir => Some(PathBuf::from("..")),
+                _ => None,
+            })
+            .collect();
+        v.reverse();
+        v
+    };
+    let mut parts = stack(dest);
     let mut out = PathBuf::new();
     let mut links = 0;
     while let Some(p) = parts.pop() {
@@ -186,16 +191,7 @@ pub(crate) fn secure_join(rootfs: &Path, dest: &Path) -> PathBuf {
                 if target.is_absolute() {
                     out = PathBuf::new();
                 }
-                let mut more: Vec<PathBuf> = target
-                    .components()
-                    .filter_map(|c| match c {
-                        Component::Normal(n) => Some(PathBuf::from(n)),
-                        Component::ParentDir => Some(PathBuf::from("..")),
-                        _ => None,
-                    })
-                    .collect();
-                more.reverse();
-                parts.extend(more);
+                parts.extend(stack(&target));
             }
             _ => out.push(p),
         }

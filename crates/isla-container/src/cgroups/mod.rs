@@ -230,6 +230,11 @@ pub(crate) fn limit_value(v: i64, field: &str, max_word: &str) -> Result<String>
     }
 }
 
+/// Write a byte limit from the spec (`-1`: `max_word`) to a cgroup file.
+pub(crate) fn write_limit(dir: &Path, file: &str, v: i64, field: &str, max_word: &str) -> Result<()> {
+    write(dir, file, &limit_value(v, field, max_word)?, field)
+}
+
 /// Sanity checks that hold for both versions, so that impossible limits fail before any
 /// directory is made.
 pub(crate) fn validate(r: &LinuxResources) -> Result<()> {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{LinuxDeviceCgroup, LinuxDeviceType, LinuxResources, LinuxThrottleDevice};
 
-use super::{keyed, limit_value, read, read_pids, read_u64, remove_dir, write, CgroupManager, Stats};
+use super::{keyed, read, read_pids, read_u64, remove_dir, write, write_limit, CgroupManager, Stats};
 use crate::error::{Error, Result};
 
 /// One v1 hierarchy: its controllers and where the container's directory is.
@@ -197,28 +197,13 @@ impl V1 {
             {
                 let d = self.need("memory", field)?;
                 if let Some(l) = m.limit() {
-                    write(
-                        d,
-                        "memory.limit_in_bytes",
-                        &limit_value(l, "linux.resources.memory.limit", "-1")?,
-                        "linux.resources.memory.limit",
-                    )?;
+                    write_limit(d, "memory.limit_in_bytes", l, "linux.resources.memory.limit", "-1")?;
                 }
                 if let Some(s) = m.swap() {
-                    write(
-                        d,
-                        "memory.memsw.limit_in_bytes",
-                        &limit_value(s, "linux.resources.memory.swap", "-1")?,
-                        "linux.resources.memory.swap",
-                    )?;
+                    write_limit(d, "memory.memsw.limit_in_bytes", s, "linux.resources.memory.swap", "-1")?;
                 }
                 if let Some(res) = m.reservation() {
-                    write(
-                        d,
-                        "memory.soft_limit_in_bytes",
-                        &limit_value(res, "linux.resources.memory.reservation", "-1")?,
-                        "linux.resources.memory.reservation",
-                    )?;
+                    write_limit(d, "memory.soft_limit_in_bytes", res, "linux.resources.memory.reservation", "-1")?;
                 }
                 if let Some(sw) = m.swappiness() {
                     write(d, "memory.swappiness", &sw.to_string(), "linux.resources.memory.swappiness")?;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::LinuxResources;
 
-use super::{keyed, limit_value, read, read_pids, read_u64, remove_dir, write, CgroupManager, Stats};
+use super::{keyed, limit_value, read, read_pids, read_u64, remove_dir, write, write_limit, CgroupManager, Stats};
 use crate::error::{Error, Result};
 
 /// The v2 cgroup of one container.
@@ -136,20 +136,10 @@ impl V2 {
         }
         if let Some(m) = r.memory() {
             if let Some(l) = m.limit() {
-                write(
-                    d,
-                    "memory.max",
-                    &limit_value(l, "linux.resources.memory.limit", "max")?,
-                    "linux.resources.memory.limit",
-                )?;
+                write_limit(d, "memory.max", l, "linux.resources.memory.limit", "max")?;
             }
             if let Some(res) = m.reservation() {
-                write(
-                    d,
-                    "memory.low",
-                    &limit_value(res, "linux.resources.memory.reservation", "max")?,
-                    "linux.resources.memory.reservation",
-                )?;
+                write_limit(d, "memory.low", res, "linux.resources.memory.reservation", "max")?;
             }
             if let Some(s) = m.swap() {
                 // OCI's swap is memory+swap; v2's memory.swap.max is swap alone.
