@@ -241,6 +241,8 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
 }
 
 fn dispatch(a: &RuntimeArgs) -> Result<i32> {
+    // Made only by the commands that use the state directory (not spec and bench).
+    let rt = || runtime(a);
     match &a.cmd {
         RtCmd::Spec { bundle } => {
             let rootless = a.rootless.as_deref() == Some("true");
@@ -250,36 +252,31 @@ fn dispatch(a: &RuntimeArgs) -> Result<i32> {
             }
             let spec = isla_container::spec::default_spec(rootless);
             std::fs::write(&path, serde_json::to_vec_pretty(&spec)?).with_context(|| path.display().to_string())?;
-            return Ok(0);
         }
         RtCmd::Bench(b) => return bench(b),
-        _ => {}
-    }
-    let rt = runtime(a)?;
-    match &a.cmd {
         RtCmd::Create(c) => {
-            rt.create(&c.id, &c.bundle, &create_opts(c)?)?;
+            rt()?.create(&c.id, &c.bundle, &create_opts(c)?)?;
         }
         RtCmd::Run(r) => {
             let opts = create_opts(&r.create)?;
             if r.detach {
-                rt.create(&r.create.id, &r.create.bundle, &opts)?.start()?;
+                rt()?.create(&r.create.id, &r.create.bundle, &opts)?.start()?;
             } else {
-                return Ok(rt.run(&r.create.id, &r.create.bundle, &opts)?);
+                return Ok(rt()?.run(&r.create.id, &r.create.bundle, &opts)?);
             }
         }
-        RtCmd::Start { id } => rt.load(id)?.start()?,
-        RtCmd::State { id } => print_json(&rt.load(id)?.state()?)?,
-        RtCmd::Kill { all, id, signal } => rt.load(id)?.kill(isla_container::parse_signal(signal)?, *all)?,
-        RtCmd::Delete { force, id } => match rt.load(id) {
+        RtCmd::Start { id } => rt()?.load(id)?.start()?,
+        RtCmd::State { id } => print_json(&rt()?.load(id)?.state()?)?,
+        RtCmd::Kill { all, id, signal } => rt()?.load(id)?.kill(isla_container::parse_signal(signal)?, *all)?,
+        RtCmd::Delete { force, id } => match rt()?.load(id) {
             Ok(c) => c.delete(*force)?,
             // runc: deleting a missing container with --force is not an error.
             Err(isla_container::Error::NotFound(_)) if *force => {}
             Err(e) => return Err(e.into()),
         },
-        RtCmd::Exec(e) => return exec(&rt, e),
+        RtCmd::Exec(e) => return exec(&rt()?, e),
         RtCmd::Ps { format, id } => {
-            let pids = rt.load(id)?.ps()?;
+            let pids = rt()?.load(id)?.ps()?;
             if format == "json" {
                 println!("{}", serde_json::to_string(&pids)?);
             } else {
@@ -291,12 +288,12 @@ fn dispatch(a: &RuntimeArgs) -> Result<i32> {
                 }
             }
         }
-        RtCmd::Pause { id } => rt.load(id)?.pause()?,
-        RtCmd::Resume { id } => rt.load(id)?.resume()?,
+        RtCmd::Pause { id } => rt()?.load(id)?.pause()?,
+        RtCmd::Resume { id } => rt()?.load(id)?.resume()?,
         RtCmd::Events { stats, interval, id } => {
             let every = parse_interval(interval)?;
             loop {
-                let c = rt.load(id)?;
+                let c = rt()?.load(id)?;
                 let ev = serde_json::json!({"type": "stats", "id": id, "data": c.stats()?});
                 println!("{ev}");
                 if *stats || c.status() == Status::Stopped {
@@ -306,7 +303,7 @@ fn dispatch(a: &RuntimeArgs) -> Result<i32> {
             }
         }
         RtCmd::List { format } => {
-            let list = rt.list()?;
+            let list = rt()?.list()?;
             if format == "json" {
                 print_json(&list)?;
             } else {
@@ -316,7 +313,6 @@ fn dispatch(a: &RuntimeArgs) -> Result<i32> {
                 }
             }
         }
-        RtCmd::Spec { .. } | RtCmd::Bench(_) => unreachable!("handled above"),
     }
     Ok(0)
 }

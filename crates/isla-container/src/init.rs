@@ -4,6 +4,7 @@
 //! the runtime as (step, label, errno) over the sync socket.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
@@ -128,7 +129,7 @@ pub(crate) fn run(plan: &mut Plan, fds: ChildFds) -> ! {
     let _ = nix::unistd::close(fds.parent_end);
     let sock = fds.sock.as_fd();
     let err = match setup(plan, &fds) {
-        Ok(()) => exec(plan, &fds),
+        Ok(()) => exec(plan),
         Err(e) => e,
     };
     let (step, label, errno) = err;
@@ -181,7 +182,7 @@ fn setup(plan: &mut Plan, fds: &ChildFds) -> Result<(), Fail> {
         let _ = nix::unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0));
     }
     if let Some(h) = &plan.hostname {
-        nix::unistd::sethostname(std::ffi::OsStr::from_bytes_compat(h.to_bytes())).map_err(at(STEP_HOSTNAME))?;
+        nix::unistd::sethostname(std::ffi::OsStr::from_bytes(h.to_bytes())).map_err(at(STEP_HOSTNAME))?;
     }
     if let Some(d) = &plan.domainname {
         sys::setdomainname(d.to_bytes()).map_err(at(STEP_DOMAIN))?;
@@ -279,16 +280,6 @@ fn write_pid(plan: &mut Plan, pid: i32) {
             break;
         }
         i -= 1;
-    }
-}
-
-/// Bring `OsStr::from_bytes` in without a use of the trait at every call site.
-trait FromBytesCompat {
-    fn from_bytes_compat(b: &[u8]) -> &std::ffi::OsStr;
-}
-impl FromBytesCompat for std::ffi::OsStr {
-    fn from_bytes_compat(b: &[u8]) -> &std::ffi::OsStr {
-        std::os::unix::ffi::OsStrExt::from_bytes(b)
     }
 }
 
@@ -494,7 +485,8 @@ fn run_hook(h: &HookCmd, state: &[u8]) -> Result<(), Errno> {
     }
 }
 
-fn exec(plan: &Plan, _fds: &ChildFds) -> Fail {
+/// Try each PATH candidate for args[0]; returns only if none could be executed.
+fn exec(plan: &Plan) -> Fail {
     let p = &plan.proc;
     let mut last = Errno::ENOENT;
     for c in &p.candidates {

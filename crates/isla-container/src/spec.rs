@@ -72,7 +72,6 @@ pub fn check_version(v: &str) -> std::result::Result<(), String> {
 /// masked and read-only paths, all devices denied but the defaults).
 pub fn default_spec(rootless: bool) -> Spec {
     let mut spec = if rootless {
-        // SAFETY-free: these are plain ids of the caller.
         Spec::rootless(nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw())
     } else {
         Spec::default()

@@ -188,9 +188,8 @@ pub fn stop_forwarding() {
     }
 }
 
-/// Number of threads in this process (from /proc/self/stat is not needed: the kernel keeps it in
-/// /proc/self/status). `create`, `run` and `exec` clone without fork()'s bookkeeping and refuse to
-/// run in a multi-threaded process.
+/// Number of threads in this process (the `Threads:` line of /proc/self/status). `create`, `run`
+/// and `exec` clone without fork()'s bookkeeping and refuse to run in a multi-threaded process.
 pub fn thread_count() -> usize {
     std::fs::read_to_string("/proc/self/status")
         .ok()
