@@ -473,7 +473,10 @@ fn main() -> std::process::ExitCode {
         ("terminal_goes_to_the_console_socket", terminal_goes_to_the_console_socket),
         ("joins_namespaces_by_path_and_runs_without_pivot_root", joins_namespaces_by_path_and_runs_without_pivot_root),
     ];
-    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    // Name filters as with libtest; options (and bare numbers such as a --test-threads value) are
+    // not filters.
+    let filter: Vec<String> =
+        std::env::args().skip(1).filter(|a| !a.starts_with('-') && !a.chars().all(|c| c.is_ascii_digit())).collect();
     if std::env::args().any(|a| a == "--list") {
         for (name, _) in tests {
             println!("{name}: test");
