@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # Build the guest-kit root tree (busybox-static, the init in guest/rootfs/) and pack it as an
 # uncompressed newc initramfs (without applet symlinks) (the kernel unpacks it without a decompressor) and as an ext4 image
-# (mkfs.ext4 -d). Cached under ~/.cache/isla/rootfs/<hash of inputs>/; prints that directory.
+# (mkfs.ext4 -d), with the in-guest agent (static binary given as $1, installed as /sbin/isla-agent).
+# Cached under ~/.cache/isla/rootfs/<hash of inputs>/; prints that directory.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${ISLA_CACHE:-$HOME/.cache/isla}
 busybox=/bin/busybox
 [ -x "$busybox" ] && file -L "$busybox" | grep -q "statically linked" ||
   { echo "build-initramfs: a static $busybox is needed: apt-get install busybox-static" >&2; exit 1; }
-key=$( { sha256sum "$busybox"; cat "$here/build-initramfs.sh"; (cd "$here/rootfs" && find . -type f -print0 | sort -z | xargs -0 sha256sum); } | sha256sum | cut -c1-16)
+agent=${1:?usage: build-initramfs.sh PATH-TO-STATIC-isla-agent}
+file -L "$agent" | grep -q "static" || { echo "build-initramfs: $agent is not a static binary" >&2; exit 1; }
+key=$( { sha256sum "$busybox" "$agent" | cut -d' ' -f1; cat "$here/build-initramfs.sh"; (cd "$here/rootfs" && find . -type f -print0 | sort -z | xargs -0 sha256sum); } | sha256sum | cut -c1-16)
 out="$cache/rootfs/$key"
 if [ -f "$out/initramfs.cpio" ] && [ -f "$out/rootfs.ext4" ]; then echo "$out"; exit 0; fi
 tree=$(mktemp -d); trap 'rm -rf "$tree"' EXIT
 mkdir -p "$tree"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,root,etc/isla/checks,mnt,run,var}
 cp "$busybox" "$tree/bin/busybox"
+cp "$agent" "$tree/sbin/isla-agent"
 for applet in $("$busybox" --list-full); do
   [ -e "$tree/$applet" ] || ln -s /bin/busybox "$tree/$applet"
 done

@@ -7,7 +7,10 @@ here=$(cd "$(dirname "$0")" && pwd)
 cache=${ISLA_CACHE:-$HOME/.cache/isla}
 kernel=$("$here/build-kernel.sh" standard)
 nested=$("$here/build-kernel.sh" nested)
-rootfs=$("$here/build-initramfs.sh")
+# The in-guest agent: a static binary (glibc's static libc; no musl target on these machines).
+( cd "$here/.." && RUSTFLAGS="-C target-feature=+crt-static -C strip=symbols" \
+    cargo build -q --release --locked -p isla-agent --bin isla-agent --target x86_64-unknown-linux-gnu ) >&2
+rootfs=$("$here/build-initramfs.sh" "$here/../target/x86_64-unknown-linux-gnu/release/isla-agent")
 mkdir -p "$cache"
 cat > "$cache/guest-kit.env.tmp" <<ENV
 ISLA_KERNEL_VMLINUX=$kernel/vmlinux

@@ -2,9 +2,13 @@
 //! Argument parsing and output only; the work is done by the library crates.
 
 mod bench;
+mod disk;
+mod image;
 mod kit;
+mod network;
 mod peer;
 mod runtime;
+mod vmexec;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -31,6 +35,15 @@ enum Cmd {
     Guest(GuestCmd),
     /// Containers: the OCI runtime, with runc's command line (also as a symlink named isla-runc).
     Runtime(Box<runtime::RuntimeArgs>),
+    /// Disk images (raw, qcow2) with qemu-img's conventions.
+    #[command(subcommand)]
+    Disk(disk::DiskCmd),
+    /// Container images: store, import/export, registry, build.
+    Image(image::ImageArgs),
+    /// Build an image from a Containerfile (same as `isla image build`).
+    Build(image::BuildArgs),
+    /// Networks: bridges with NAT, bridged or host-only, for containers and microVMs.
+    Network(network::NetworkArgs),
 }
 
 #[derive(Subcommand)]
@@ -42,6 +55,8 @@ enum VmCmd {
     Run(RunArgs),
     /// Measure microVM boot time and monitor memory (several runs, median and spread).
     Bench(bench::BenchArgs),
+    /// Run a command in a running microVM through its agent (the VM needs a vsock device).
+    Exec(vmexec::ExecArgs),
 }
 
 #[derive(Subcommand)]
@@ -165,6 +180,7 @@ fn main() -> ExitCode {
         Cmd::Vm(v) => match v.as_ref() {
             VmCmd::Run(a) => vm_run(a),
             VmCmd::Bench(a) => bench::run(a).map(|()| 0),
+            VmCmd::Exec(a) => vmexec::run(a),
         },
         Cmd::Guest(GuestCmd::Build) => kit::build().map(|k| {
             k.print();
@@ -175,6 +191,10 @@ fn main() -> ExitCode {
             0
         }),
         Cmd::Runtime(a) => return ExitCode::from(runtime::run(a) as u8),
+        Cmd::Disk(d) => disk::run(d),
+        Cmd::Image(a) => image::run(a).map(|()| 0),
+        Cmd::Build(a) => image::build(a).map(|()| 0),
+        Cmd::Network(a) => network::run(a).map(|()| 0),
     };
     match result {
         Ok(code) => ExitCode::from(code as u8),

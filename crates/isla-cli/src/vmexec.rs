@@ -1,0 +1,54 @@
+//! `isla vm exec`: run a command in a running microVM through its agent (vsock).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use isla_agent::{Client, Request, Response};
+
+#[derive(Args)]
+pub struct ExecArgs {
+    /// The microVM's vsock unix socket (the `uds` of its `--vsock`).
+    #[arg(long)]
+    vsock: PathBuf,
+    /// Give up when the guest has not answered after this many seconds.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+    /// Environment variables for the command, NAME=value (repeatable).
+    #[arg(long, short)]
+    env: Vec<String>,
+    /// Print the guest's memory, uptime and load as JSON instead of running a command.
+    #[arg(long, conflicts_with = "command")]
+    info: bool,
+    /// Program and arguments.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required_unless_present = "info")]
+    command: Vec<String>,
+}
+
+/// Runs the command; the exit status is the command's (128 + signal if it was killed).
+pub fn run(a: &ExecArgs) -> Result<i32> {
+    let timeout = Duration::from_secs(a.timeout.max(1));
+    let mut client = Client::connect(&a.vsock, timeout)?;
+    if a.info {
+        let r = client.call(&Request::Info, timeout)?;
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(0);
+    }
+    let req = Request::Exec { argv: a.command.clone(), env: a.env.clone(), stdin: String::new(), timeout_s: a.timeout };
+    match client.call(&req, timeout + Duration::from_secs(5))? {
+        Response::Exited(r) => {
+            std::io::stdout().write_all(r.stdout.as_bytes())?;
+            std::io::stderr().write_all(r.stderr.as_bytes())?;
+            if r.truncated {
+                eprintln!("isla: output truncated at {} bytes per stream", isla_agent::MAX_OUTPUT);
+            }
+            if r.timed_out {
+                bail!("the command ran longer than --timeout {} s and was killed", a.timeout);
+            }
+            Ok(r.exit_code.unwrap_or_else(|| 128 + r.signal.unwrap_or(0)))
+        }
+        other => bail!("unexpected answer from the agent: {other:?}"),
+    }
+}
