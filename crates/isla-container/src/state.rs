@@ -104,28 +104,9 @@ pub fn process_start(pid: i32) -> Option<u64> {
     fields.get(19)?.parse().ok()
 }
 
-/// Now as RFC 3339 UTC with nanoseconds (what Go's time.Time parses). Hand-written because it is
-/// the only date the runtime formats: the civil-from-days algorithm is a few lines.
+/// Now as RFC 3339 UTC with nanoseconds (what Go's time.Time parses in runc's `created`).
 pub fn now_rfc3339() -> String {
-    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:09}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_nanos()
-    )
+    humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string()
 }
 
 #[cfg(test)]
