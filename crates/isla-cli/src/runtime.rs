@@ -405,8 +405,12 @@ fn bench_in(b: &BenchArgs, tmp: &Path) -> Result<i32> {
     }
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); runtimes.len()];
     // One warm-up run each, then the runtimes take turns so that noise hits all of them alike.
+    // The order rotates every round: a run leaves asynchronous kernel work behind (network
+    // namespace clean-up, RCU callbacks) that would otherwise always land on the same successor.
     for i in 0..=b.iterations {
-        for (k, (name, bin, global)) in runtimes.iter().enumerate() {
+        for j in 0..runtimes.len() {
+            let k = (i + j) % runtimes.len();
+            let (name, bin, global) = &runtimes[k];
             let id = format!("bench-{name}-{i}");
             let t = Instant::now();
             let out = Command::new(bin).args(global).args(["run", "--bundle"]).arg(&bundle.dir).arg(&id).output()?;
