@@ -7,9 +7,10 @@ mod image;
 mod kit;
 mod network;
 mod peer;
+mod runtime;
 mod vmexec;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -34,6 +35,8 @@ enum Cmd {
     /// The guest kit: kernel, initramfs and rootfs for microVMs.
     #[command(subcommand)]
     Guest(GuestCmd),
+    /// Containers: the OCI runtime, with runc's command line (also as a symlink named isla-runc).
+    Runtime(Box<runtime::RuntimeArgs>),
     /// Disk images (raw, qcow2) with qemu-img's conventions.
     #[command(subcommand)]
     Disk(disk::DiskCmd),
@@ -203,6 +206,9 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("ISLA_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
+    if std::env::args_os().next().is_some_and(|a| Path::new(&a).file_name() == Some("isla-runc".as_ref())) {
+        return runtime::main_as_runc();
+    }
     let cli = Cli::parse();
     let result = match &cli.cmd {
         Cmd::Vm(v) => match v.as_ref() {
@@ -218,6 +224,7 @@ fn main() -> ExitCode {
             k.print();
             0
         }),
+        Cmd::Runtime(a) => return ExitCode::from(runtime::run(a) as u8),
         Cmd::Disk(d) => disk::run(d),
         Cmd::Image(a) => image::run(a).map(|()| 0),
         Cmd::Build(a) => image::build(a).map(|()| 0),
