@@ -36,7 +36,7 @@ fn sh(args: &[&str]) {
 }
 
 /// `isla vm exec` of a shell command in the guest; returns (exit status, stdout).
-fn exec(uds: &Path, script: &str) -> (i32, String) {
+fn exec_once(uds: &Path, script: &str) -> (i32, String) {
     let o = isla()
         .args(["vm", "exec", "--timeout", "120", "--vsock"])
         .arg(uds)
@@ -44,6 +44,21 @@ fn exec(uds: &Path, script: &str) -> (i32, String) {
         .output()
         .unwrap();
     (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into_owned() + &stderr(&o))
+}
+
+/// [`exec_once`], tried up to three times: on nested hosts a freshly started guest process still
+/// crashes now and then (issue 3's open problem, docs/nested-kvm.md); every script here can run
+/// again. Each retry is logged.
+fn exec(uds: &Path, script: &str, ok: impl Fn(&str) -> bool) -> (i32, String) {
+    let mut last = (0, String::new());
+    for attempt in 1..=3 {
+        last = exec_once(uds, script);
+        if last.0 == 0 && ok(&last.1) {
+            return last;
+        }
+        eprintln!("attempt {attempt} of `{script}`: exit {}: {}", last.0, last.1);
+    }
+    last
 }
 
 fn wait_for(path: &Path, text: &str, timeout: Duration, vm: &mut Vm) -> String {
@@ -111,8 +126,7 @@ fn virtio_block_net_vsock_and_rng_in_one_guest() {
     let (rc, out) =
         exec(&uds, "cat /sys/class/misc/hw_random/rng_current; head -c 32 /dev/hwrng | od -An -tx1 | wc -w");
     assert_eq!(rc, 0, "{out}");
-    assert!(out.contains("virtio_rng"), "{out}");
-    assert!(out.lines().any(|l| l.trim() == "32"), "{out}");
+    assert!(rng_ok(&out), "{out}");
 
     // Block: a file on the ext4 disk, raw bytes on the qcow2 disk, the serial numbers from GET_ID.
     let (rc, out) = exec(
@@ -120,6 +134,7 @@ fn virtio_block_net_vsock_and_rng_in_one_guest() {
         "mkdir -p /mnt/d && mount -t ext4 /dev/vda /mnt/d && echo written-by-guest > /mnt/d/hello.txt && \
          umount /mnt/d && echo isla-qcow2-data | dd of=/dev/vdb bs=512 seek=100 conv=fsync 2>/dev/null && \
          cat /sys/block/vda/serial /sys/block/vdb/serial",
+        |out| out.contains("data") && out.contains("scratch"),
     );
     assert_eq!(rc, 0, "{out}");
     assert!(out.contains("data") && out.contains("scratch"), "{out}");
@@ -127,8 +142,9 @@ fn virtio_block_net_vsock_and_rng_in_one_guest() {
     // Network: ping the host side of the TAP.
     let (rc, out) = exec(
         &uds,
-        "ip link set eth0 up && ip addr add 10.201.0.2/24 dev eth0 && cat /sys/class/net/eth0/address && \
+        "ip link set eth0 up && ip addr replace 10.201.0.2/24 dev eth0 && cat /sys/class/net/eth0/address && \
          ping -c 3 -W 5 10.201.0.1",
+        |out| out.contains("3 packets received"),
     );
     assert_eq!(rc, 0, "{out}");
     assert!(out.contains("06:00:0a:c9:00:02") && out.contains("3 packets received"), "{out}");
@@ -138,7 +154,7 @@ fn virtio_block_net_vsock_and_rng_in_one_guest() {
     let info = isla().args(["vm", "exec", "--info", "--vsock"]).arg(&uds).output().unwrap();
     let info = String::from_utf8_lossy(&info.stdout).into_owned();
     assert!(info.contains("\"cpus\": 2") && info.contains("mem_total_kib"), "{info}");
-    let _ = exec(&uds, "sync; poweroff -f");
+    let _ = exec_once(&uds, "sync; poweroff -f");
     let start = Instant::now();
     let status = loop {
         if let Some(s) = vm.0.try_wait().unwrap() {
