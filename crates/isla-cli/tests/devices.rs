@@ -123,8 +123,9 @@ fn virtio_block_net_vsock_and_rng_in_one_guest() {
     wait_for(&console, "isla-agent: listening", Duration::from_secs(300), &mut vm);
 
     // Entropy: the guest's hardware RNG is the virtio one, and it delivers.
-    let (rc, out) =
-        exec(&uds, "cat /sys/class/misc/hw_random/rng_current; head -c 32 /dev/hwrng | od -An -tx1 | wc -w");
+    let rng_ok = |out: &str| out.contains("virtio_rng") && out.lines().any(|l| l.trim() == "32");
+    let script = "cat /sys/class/misc/hw_random/rng_current; head -c 32 /dev/hwrng | od -An -tx1 | wc -w";
+    let (rc, out) = exec(&uds, script, rng_ok);
     assert_eq!(rc, 0, "{out}");
     assert!(rng_ok(&out), "{out}");
 
