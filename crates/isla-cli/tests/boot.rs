@@ -167,7 +167,7 @@ fn guest_reboot_ends_the_monitor_with_status_3() {
 fn pipelines_and_concurrent_process_startups_are_reliable() {
     let Some(kit) = kvm_and_kit() else { return };
     let cmdline = "console=ttyS0 reboot=k panic=1 pci=off quiet isla.check=stress isla.pipelines=200 isla.parallel=8 isla.syscalls=400";
-    let (code, console, _) = boot(None, &kit.initramfs, 2, None, cmdline, "pipelines");
+    let (code, console, _) = boot_once(None, &kit.initramfs, 2, None, cmdline, "pipelines");
     assert_eq!(code, 0);
     assert!(console.contains("isla-check: pipelines 200/200 correct"), "{console}");
     assert!(console.contains("isla-check: parallel 8/8 shells finished, 0 wrong outputs"), "{console}");
