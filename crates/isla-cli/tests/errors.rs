@@ -52,21 +52,21 @@ fn bad_firecracker_configs() {
     )
     .unwrap();
     run_fails(&["--config-file", p.to_str().unwrap()], "unknown field `turbo`");
-    std::fs::write(&p, r#"{"boot-source":{"kernel_image_path":"k"},"vsock":{"guest_cid":3,"uds_path":"/tmp/v"}}"#)
+    std::fs::write(&p, r#"{"boot-source":{"kernel_image_path":"k"},"logger":{"log_path":"/tmp/v"}}"#)
         .unwrap();
-    run_fails(&["--config-file", p.to_str().unwrap()], "`vsock` is not supported");
+    run_fails(&["--config-file", p.to_str().unwrap()], "`logger` is not supported");
     run_fails(&["--config-file", "/nonexistent/config.json"], "/nonexistent/config.json");
 }
 
 #[test]
 fn seed_000_config_parses_and_names_what_is_missing() {
-    // The exact config.json of seed 000: accepted by the parser; booting it needs its rootfs drive,
-    // which the error names.
+    // The exact config.json of seed 000: accepted by the parser; its rootfs drive does not exist
+    // here, and the error names it.
     let p = tmp("config.json");
     let k = elf();
     let json = include_str!("../../../examples/firecracker/seed000-config.json").replace("hello-vmlinux.bin", &k);
     std::fs::write(&p, json).unwrap();
-    run_fails(&["--config-file", p.to_str().unwrap()], "drives");
+    run_fails(&["--config-file", p.to_str().unwrap()], "hello-rootfs.ext4");
 }
 
 #[test]
