@@ -52,8 +52,7 @@ fn bad_firecracker_configs() {
     )
     .unwrap();
     run_fails(&["--config-file", p.to_str().unwrap()], "unknown field `turbo`");
-    std::fs::write(&p, r#"{"boot-source":{"kernel_image_path":"k"},"logger":{"log_path":"/tmp/v"}}"#)
-        .unwrap();
+    std::fs::write(&p, r#"{"boot-source":{"kernel_image_path":"k"},"logger":{"log_path":"/tmp/v"}}"#).unwrap();
     run_fails(&["--config-file", p.to_str().unwrap()], "`logger` is not supported");
     run_fails(&["--config-file", "/nonexistent/config.json"], "/nonexistent/config.json");
 }
