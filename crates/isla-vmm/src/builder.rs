@@ -45,6 +45,12 @@ pub const STARTED_LOG: &str = "guest started";
 /// On hardware both cost nothing worth measuring either way, so they are left to the user there.
 pub const EMULATED_KERNEL_ARGS: &[&str] = &["noreplace-smp", "percpu_alloc=page"];
 
+/// Whether the kernel command line already sets `key` (as `key` or `key=...`): isla's additions
+/// never override the user's.
+fn sets_key(cmdline: &str, key: &str) -> bool {
+    cmdline.split_whitespace().any(|w| w.split('=').next() == Some(key))
+}
+
 /// A loaded kernel.
 struct Kernel {
     entry: u64,
@@ -128,14 +134,13 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         added_args.extend(devices.virtio.cmdline_args());
     }
     if let Some(root) = &devices.virtio.root_arg {
-        if !cmdline.split_whitespace().any(|w| w.starts_with("root=")) {
+        if !sets_key(&cmdline, "root") {
             added_args.push(root.clone());
         }
     }
     if nested {
         for arg in EMULATED_KERNEL_ARGS {
-            let key = arg.split('=').next().unwrap_or(arg);
-            if !cmdline.split_whitespace().any(|w| w.split('=').next() == Some(key)) {
+            if !sets_key(&cmdline, arg.split('=').next().unwrap_or(arg)) {
                 added_args.push(arg.to_string());
             }
         }
