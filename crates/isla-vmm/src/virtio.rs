@@ -29,8 +29,6 @@ const QUEUE_NOTIFY: u64 = 0x50;
 pub struct Slot {
     /// Guest physical base of the window.
     pub base: u64,
-    /// What it is (`block:rootfs`, `net:eth0`, ...), for logs and the report.
-    pub name: String,
     transport: Mutex<MmioTransport>,
 }
 
@@ -113,7 +111,7 @@ impl VirtioDevices {
                 .map_err(kvm_err("KVM_IOEVENTFD"))?;
         }
         tracing::debug!("virtio {name}: window {base:#x}, GSI {gsi}");
-        self.slots.push(Slot { base, name, transport: Mutex::new(transport) });
+        self.slots.push(Slot { base, transport: Mutex::new(transport) });
         Ok(())
     }
 
@@ -129,11 +127,6 @@ impl VirtioDevices {
     /// `virtio_mmio.device=` arguments, for guests booted without ACPI.
     pub fn cmdline_args(&self) -> Vec<String> {
         self.acpi_devices().iter().map(|d| format!("virtio_mmio.device=4K@{:#x}:{}", d.base, d.irq)).collect()
-    }
-
-    /// Names of the devices, in window order.
-    pub fn names(&self) -> Vec<String> {
-        self.slots.iter().map(|s| s.name.clone()).collect()
     }
 
     fn slot(&self, addr: u64) -> Option<&Slot> {
