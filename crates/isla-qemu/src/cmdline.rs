@@ -109,7 +109,13 @@ pub(crate) fn qemu_args(cfg: &QemuConfig, paths: &VmPaths, accel: ResolvedAccel,
             NicConfig::User { hostfwd, .. } => {
                 let mut s = format!("user,id=net{i}");
                 for f in hostfwd {
-                    s.push_str(&format!(",hostfwd={}:{}:{}-:{}", f.proto.as_str(), f.host_addr, f.host_port, f.guest_port));
+                    s.push_str(&format!(
+                        ",hostfwd={}:{}:{}-:{}",
+                        f.proto.as_str(),
+                        f.host_addr,
+                        f.host_port,
+                        f.guest_port
+                    ));
                 }
                 s
             }
@@ -177,8 +183,11 @@ mod tests {
     fn microvm_kernel_boot_tcg() {
         let mut c = QemuConfig::new("m");
         c.machine = Machine::Microvm;
-        c.kernel =
-            Some(KernelBoot { kernel: "/k/bzImage".into(), initrd: Some("/k/initrd".into()), append: "console=ttyS0".into() });
+        c.kernel = Some(KernelBoot {
+            kernel: "/k/bzImage".into(),
+            initrd: Some("/k/initrd".into()),
+            append: "console=ttyS0".into(),
+        });
         c.disks = vec![DiskConfig::new("/d.raw")];
         c.serial = Serial::Socket;
         let s = args(&c, ResolvedAccel::Tcg, &[]);

@@ -170,7 +170,13 @@ pub struct DiskConfig {
 
 impl DiskConfig {
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        DiskConfig { path: path.into(), format: None, read_only: false, interface: DiskInterface::Virtio, boot_index: None }
+        DiskConfig {
+            path: path.into(),
+            format: None,
+            read_only: false,
+            interface: DiskInterface::Virtio,
+            boot_index: None,
+        }
     }
 }
 
@@ -340,11 +346,15 @@ impl QemuConfig {
     /// Checks every field, and that the files it names exist: the errors name the field and the fix.
     pub fn validate(&self) -> Result<()> {
         validate_name(&self.name)?;
-        let max_mem = isla_vmm::host::mem_total().map_or(MAX_MEMORY_MIB, |b| (b >> 20).min(u64::from(MAX_MEMORY_MIB)) as u32);
+        let max_mem =
+            isla_vmm::host::mem_total().map_or(MAX_MEMORY_MIB, |b| (b >> 20).min(u64::from(MAX_MEMORY_MIB)) as u32);
         if self.memory_mib < MIN_MEMORY_MIB || self.memory_mib > max_mem {
             return Err(QemuError::config(
                 "memory_mib",
-                format!("{} MiB is out of range: give {MIN_MEMORY_MIB} to {max_mem} MiB (the host's RAM)", self.memory_mib),
+                format!(
+                    "{} MiB is out of range: give {MIN_MEMORY_MIB} to {max_mem} MiB (the host's RAM)",
+                    self.memory_mib
+                ),
             ));
         }
         if self.cpus == 0 || self.cpus > MAX_CPUS {
@@ -519,12 +529,19 @@ impl Accel {
 
 /// The path of `qemu-system-x86_64` (from `ISLA_QEMU` if set, else the first on PATH).
 pub fn qemu_binary() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("ISLA_QEMU") {
+    find_qemu(std::env::var_os("ISLA_QEMU"), std::env::var_os("PATH"))
+}
+
+fn find_qemu(forced: Option<std::ffi::OsString>, path: Option<std::ffi::OsString>) -> Result<PathBuf> {
+    if let Some(p) = forced {
         let p = PathBuf::from(p);
         return if p.is_file() { Ok(p) } else { Err(QemuError::NotInstalled) };
     }
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
-    std::env::split_paths(&path).map(|d| d.join("qemu-system-x86_64")).find(|p| p.is_file()).ok_or(QemuError::NotInstalled)
+    let path = path.unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    std::env::split_paths(&path)
+        .map(|d| d.join("qemu-system-x86_64"))
+        .find(|p| p.is_file())
+        .ok_or(QemuError::NotInstalled)
 }
 
 #[cfg(test)]
@@ -534,7 +551,10 @@ mod tests {
     #[test]
     fn hostfwd_syntax() {
         let f: HostFwd = "tcp:127.0.0.1:2222-:22".parse().unwrap();
-        assert_eq!(f, HostFwd { proto: FwdProto::Tcp, host_addr: Ipv4Addr::LOCALHOST, host_port: 2222, guest_port: 22 });
+        assert_eq!(
+            f,
+            HostFwd { proto: FwdProto::Tcp, host_addr: Ipv4Addr::LOCALHOST, host_port: 2222, guest_port: 22 }
+        );
         let f: HostFwd = "udp::5353-:53".parse().unwrap();
         assert_eq!((f.proto, f.host_port, f.guest_port), (FwdProto::Udp, 5353, 53));
         let f: HostFwd = "8080-:80".parse().unwrap();
@@ -554,6 +574,17 @@ mod tests {
         }
         let m = random_mac().unwrap();
         assert!(m.starts_with("52:54:00:") && parse_mac(&m).is_ok(), "{m}");
+    }
+
+    #[test]
+    fn missing_qemu_says_what_to_install() {
+        let e = find_qemu(None, Some("/nonexistent:/also-not".into())).unwrap_err().to_string();
+        assert_eq!(e, "qemu-system-x86_64 was not found on PATH: install it with `apt-get install qemu-system-x86`");
+        assert!(find_qemu(Some("/nonexistent/qemu".into()), None).is_err());
+        let d = tempfile::tempdir().unwrap();
+        let fake = d.path().join("qemu-system-x86_64");
+        std::fs::write(&fake, "").unwrap();
+        assert_eq!(find_qemu(None, Some(d.path().as_os_str().to_owned())).unwrap(), fake);
     }
 
     #[test]

@@ -116,7 +116,10 @@ impl Qmp {
         let deadline = Instant::now() + timeout;
         let greeting = q.read_message("greeting", deadline)?;
         if greeting.get("QMP").is_none() {
-            return Err(QemuError::QmpProtocol { command: "greeting".into(), msg: format!("not a QMP greeting: {greeting}") });
+            return Err(QemuError::QmpProtocol {
+                command: "greeting".into(),
+                msg: format!("not a QMP greeting: {greeting}"),
+            });
         }
         q.greeting = greeting;
         q.execute("qmp_capabilities", None)?;
@@ -201,7 +204,10 @@ impl Qmp {
         match (&mut self.reader).take(MAX_LINE).read_line(&mut line) {
             Ok(0) => {
                 self.broken = true;
-                Err(QemuError::QmpProtocol { command: command.into(), msg: "QEMU closed the monitor connection".into() })
+                Err(QemuError::QmpProtocol {
+                    command: command.into(),
+                    msg: "QEMU closed the monitor connection".into(),
+                })
             }
             Ok(_) if !line.ends_with('\n') => {
                 self.broken = true;
@@ -342,7 +348,9 @@ mod tests {
 
     /// A scripted peer speaking QMP on a real socket: the client's framing, ids, events and
     /// errors are exercised without QEMU (the real QEMU is exercised in tests/boot.rs).
-    fn peer(script: impl FnOnce(&mut BufReader<UnixStream>, &mut UnixStream) + Send + 'static) -> (tempfile::TempDir, std::path::PathBuf) {
+    fn peer(
+        script: impl FnOnce(&mut BufReader<UnixStream>, &mut UnixStream) + Send + 'static,
+    ) -> (tempfile::TempDir, std::path::PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("qmp.sock");
         let l = UnixListener::bind(&path).unwrap();
@@ -380,7 +388,10 @@ mod tests {
             let e = format!("{{\"error\": {{\"class\": \"GenericError\", \"desc\": \"nope\"}}, \"id\": {id}}}\n");
             s.write_all(e.as_bytes()).unwrap();
             let (_, id) = next_id(r);
-            s.write_all(format!("{{\"return\": \"Error: Snapshot 'x' does not exist\\r\\n\", \"id\": {id}}}\n").as_bytes()).unwrap();
+            s.write_all(
+                format!("{{\"return\": \"Error: Snapshot 'x' does not exist\\r\\n\", \"id\": {id}}}\n").as_bytes(),
+            )
+            .unwrap();
             let (_, _) = next_id(r);
             // No answer: the client times out.
             std::thread::sleep(Duration::from_millis(800));

@@ -270,9 +270,10 @@ impl Vm {
             let RunStatus { status, .. } = self.qmp(QMP_TIMEOUT)?.query_status()?;
             let (state, detail) = match status.as_str() {
                 "running" => (VmState::Running, None),
-                "internal-error" => {
-                    (VmState::Crashed, Some("the accelerator stopped the guest (KVM internal error): see qemu.log".into()))
-                }
+                "internal-error" => (
+                    VmState::Crashed,
+                    Some("the accelerator stopped the guest (KVM internal error): see qemu.log".into()),
+                ),
                 "guest-panicked" => (VmState::Crashed, Some("the guest kernel panicked".into())),
                 "shutdown" => (VmState::Shutoff, Some("the guest powered off; QEMU still runs".into())),
                 _ => (VmState::Paused, None),
@@ -281,7 +282,8 @@ impl Vm {
         }
         if let Some(pid) = process::read_pidfile(&self.paths.pid) {
             // QEMU removes its pid file when it exits normally.
-            let detail = format!("QEMU (pid {pid}) ended without removing its pid file: it crashed or was killed; see qemu.log");
+            let detail =
+                format!("QEMU (pid {pid}) ended without removing its pid file: it crashed or was killed; see qemu.log");
             return Ok(VmStatus { name, state: VmState::Crashed, pid: None, qemu_status: None, detail: Some(detail) });
         }
         let exit: Option<ExitRecord> =
@@ -471,7 +473,11 @@ impl Vm {
         if let Some(mut c) = self.child.take() {
             let _ = c.wait();
         } else if !self.wait_exit(QUIT_GRACE) {
-            return Err(QemuError::io(format!("/proc/{pid}"), "wait for QEMU to die", std::io::ErrorKind::TimedOut.into()));
+            return Err(QemuError::io(
+                format!("/proc/{pid}"),
+                "wait for QEMU to die",
+                std::io::ErrorKind::TimedOut.into(),
+            ));
         }
         // A killed QEMU leaves these behind.
         remove_if_exists(&self.paths.pid)?;
@@ -578,10 +584,10 @@ impl Vm {
     }
 
     fn require_snapshot(&mut self, name: &str) -> Result<Snapshot> {
-        self.snapshot_list()?.into_iter().find(|s| s.name == name).ok_or_else(|| QemuError::NoSuchSnapshot {
-            name: self.config.name.clone(),
-            snapshot: name.to_string(),
-        })
+        self.snapshot_list()?
+            .into_iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| QemuError::NoSuchSnapshot { name: self.config.name.clone(), snapshot: name.to_string() })
     }
 
     /// Returns the VM to snapshot `name`: running, QMP `loadvm` (which needs a snapshot taken
@@ -758,8 +764,8 @@ fn remove_if_exists(p: &Path) -> Result<()> {
 
 fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     let tmp = path.with_extension("json.tmp");
-    let text = serde_json::to_string_pretty(value)
-        .map_err(|e| QemuError::io(path, "serialize", std::io::Error::other(e)))?;
+    let text =
+        serde_json::to_string_pretty(value).map_err(|e| QemuError::io(path, "serialize", std::io::Error::other(e)))?;
     let mut f = File::create(&tmp).map_err(|e| QemuError::io(&tmp, "create", e))?;
     f.write_all(text.as_bytes()).and_then(|()| f.sync_all()).map_err(|e| QemuError::io(&tmp, "write", e))?;
     std::fs::rename(&tmp, path).map_err(|e| QemuError::io(path, "replace", e))

@@ -8,9 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use isla_qemu::{
-    DiskConfig, KernelBoot, QemuConfig, QemuError, Qmp, ShutdownOutcome, Vm, VmState, Vnc, QMP_TIMEOUT,
-};
+use isla_qemu::{DiskConfig, KernelBoot, QemuConfig, QemuError, Qmp, ShutdownOutcome, Vm, VmState, Vnc, QMP_TIMEOUT};
 
 /// Generous bound for a boot: about 1 s with TCG here, minutes on a loaded CI machine.
 const BOOT: Duration = Duration::from_secs(240);
@@ -26,7 +24,9 @@ fn kit() -> Option<Kit> {
     let env = std::fs::read_to_string(home.join(".cache/isla/guest-kit.env")).unwrap_or_default();
     let get = |k: &str| env.lines().find_map(|l| l.strip_prefix(k)?.strip_prefix('=')).map(PathBuf::from);
     let kit = match (get("ISLA_KERNEL_BZIMAGE"), get("ISLA_INITRAMFS")) {
-        (Some(bzimage), Some(initramfs)) if bzimage.is_file() && initramfs.is_file() => Some(Kit { bzimage, initramfs }),
+        (Some(bzimage), Some(initramfs)) if bzimage.is_file() && initramfs.is_file() => {
+            Some(Kit { bzimage, initramfs })
+        }
         _ => None,
     };
     let qemu = isla_qemu::qemu_binary();
