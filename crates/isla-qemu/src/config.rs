@@ -230,7 +230,7 @@ impl NicConfig {
         }
     }
 
-    pub(crate) fn set_mac(&mut self, new: String) {
+    pub fn set_mac(&mut self, new: String) {
         match self {
             NicConfig::Tap { mac, .. } | NicConfig::User { mac, .. } => *mac = Some(new),
         }

@@ -256,7 +256,15 @@ impl Vm {
     /// Collects the exit status of a QEMU process this handle started, if it ended.
     fn reap(&mut self) {
         if let Some(c) = &mut self.child {
-            if let Ok(Some(st)) = c.try_wait() {
+            let mut ended = c.try_wait().ok().flatten();
+            // QEMU removes its pid file just before it exits: give it a moment to finish, so the
+            // exit status is recorded by the time the VM reads as shut off.
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while ended.is_none() && !self.paths.pid.exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+                ended = c.try_wait().ok().flatten();
+            }
+            if let Some(st) = ended {
                 self.child = None;
                 let _ = write_json(&self.paths.exit, &ExitRecord::from_status(st, false));
             }

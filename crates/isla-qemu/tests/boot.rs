@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use isla_qemu::{DiskConfig, KernelBoot, QemuConfig, QemuError, Qmp, ShutdownOutcome, Vm, VmState, Vnc, QMP_TIMEOUT};
+use isla_qemu::{
+    DiskConfig, KernelBoot, NicConfig, QemuConfig, QemuError, Qmp, ShutdownOutcome, Vm, VmState, Vnc, QMP_TIMEOUT,
+};
 
 /// Generous bound for a boot: about 1 s with TCG here, minutes on a loaded CI machine.
 const BOOT: Duration = Duration::from_secs(240);
@@ -56,6 +58,35 @@ fn kit_vm(name: &str, kit: &Kit, shell: bool) -> QemuConfig {
     c
 }
 
+/// A network namespace of the test's own (`ip netns add`) holding a TAP; deleted on drop.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn with_tap(tap: &str) -> Netns {
+        let name = format!("isla-qemu-{}", std::process::id());
+        let ip = |args: &[&str]| {
+            let st = Command::new("ip").args(args).status().expect("run ip");
+            assert!(st.success(), "ip {args:?}");
+        };
+        ip(&["netns", "add", &name]);
+        let ns = Netns { name };
+        ip(&["-n", &ns.name, "tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr"]);
+        ns
+    }
+
+    fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
 fn qemu_img_json(args: &[&str], image: &Path) -> serde_json::Value {
     let out = Command::new("qemu-img").args(args).arg("--output=json").arg(image).output().expect("run qemu-img");
     assert!(out.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -77,12 +108,23 @@ fn lifecycle_snapshots_and_linked_clone() {
     let mut cfg = kit_vm("life", &kit, true);
     cfg.disks = vec![DiskConfig::new(&data)];
     cfg.vnc = Some(Vnc::Unix);
+    // A TAP (opened by isla, its descriptor passed to QEMU) and user-mode networking with a port
+    // forward, both inside a namespace of the test's own: no link or port on the host.
+    let ns = Netns::with_tap("isla-tq0");
+    cfg.nics = vec![
+        NicConfig::Tap { ifname: "isla-tq0".into(), mac: None },
+        NicConfig::User { mac: None, hostfwd: vec!["tcp:127.0.0.1:2222-:22".parse().unwrap()] },
+    ];
     let dir = tmp.path().join("vm");
     let mut vm = Vm::create(&dir, cfg).unwrap();
     assert_eq!(vm.config().disks[0].format, Some(isla_qemu::DiskFormat::Qcow2), "format recorded at create");
     assert_eq!(vm.status().unwrap().state, VmState::Shutoff);
 
-    let info = vm.start().unwrap();
+    let started = isla_net::in_netns(&ns.path(), || vm.start()).unwrap();
+    let info = match started {
+        Ok(i) => i,
+        Err(e) => panic!("start: {e}; qemu.log: {}", std::fs::read_to_string(&vm.paths().qemu_log).unwrap_or_default()),
+    };
     eprintln!("started pid {} with {} ({}), QEMU {:?}", info.pid, info.accel, info.accel_reason, info.qemu_version);
     let booted = vm.wait_for_serial("isla-init: started", BOOT);
     assert!(booted, "no marker on the serial console; serial.log:\n{}", serial(&vm));
@@ -99,6 +141,12 @@ fn lifecycle_snapshots_and_linked_clone() {
     let mut q = vm.qmp(QMP_TIMEOUT).unwrap();
     let vnc = q.query_vnc().unwrap();
     assert!(vnc.enabled && vnc.family.as_deref() == Some("unix"), "{vnc:?}");
+    let net = q.human_monitor_command("info network").unwrap();
+    let mac = vm.config().nics[0].mac().unwrap();
+    assert!(net.contains("net0: index=0,type=tap,fd=") && net.contains(mac), "{net}");
+    assert!(net.contains("net1: index=0,type=user"), "{net}");
+    let usernet = q.human_monitor_command("info usernet").unwrap();
+    assert!(usernet.contains("2222") && usernet.contains("22"), "{usernet}");
     let e = q.execute("no-such-command", None).unwrap_err().to_string();
     assert!(e.contains("no-such-command") && e.contains("CommandNotFound"), "{e}");
     drop(q);
