@@ -30,7 +30,7 @@ enum Output {
 #[derive(Subcommand)]
 enum QemuCmd {
     /// Define a VM (nothing runs until `start`).
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// Start QEMU in the background (serial output in ROOT/qemu/NAME/serial.log).
     Start {
         name: String,
@@ -111,6 +111,9 @@ struct CreateArgs {
     accel: AccelArg,
     #[arg(long, value_enum, default_value = "q35")]
     machine: MachineArg,
+    /// QEMU CPU model (default: max with tcg, host with kvm, qemu64 with kvm on a nested PVM host).
+    #[arg(long)]
+    cpu_model: Option<String>,
     /// PATH[,format=raw|qcow2][,if=virtio|ide|scsi][,ro][,boot=N]; repeat for more disks.
     #[arg(long)]
     disk: Vec<String>,
@@ -221,6 +224,7 @@ fn build_config(a: &CreateArgs) -> Result<QemuConfig> {
     let mib = isla_vmm::config::parse_memory(&a.memory)? >> 20;
     c.memory_mib = u32::try_from(mib).with_context(|| format!("--memory {}: too large", a.memory))?;
     c.cpus = a.cpus;
+    c.cpu_model = a.cpu_model.clone();
     c.accel = match a.accel {
         AccelArg::Auto => Accel::Auto,
         AccelArg::Kvm => Accel::Kvm,
@@ -275,7 +279,10 @@ pub fn run(a: &QemuArgs) -> Result<i32> {
         QemuCmd::Start { name, wait_for, timeout } => {
             let mut vm = open(root, name)?;
             let info = vm.start()?;
-            eprintln!("{name}: started, pid {}, accelerator {} ({})", info.pid, info.accel, info.accel_reason);
+            eprintln!(
+                "{name}: started, pid {}, accelerator {} ({}), CPU model {}",
+                info.pid, info.accel, info.accel_reason, info.cpu_model
+            );
             if let Some(text) = wait_for {
                 if !vm.wait_for_serial(text, Duration::from_secs(*timeout)) {
                     bail!("`{text}` did not appear in {} within {timeout} s", vm.paths().serial_log.display());

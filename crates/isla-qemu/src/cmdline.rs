@@ -24,7 +24,7 @@ pub(crate) fn qemu_args(cfg: &QemuConfig, paths: &VmPaths, accel: ResolvedAccel,
         m => m.as_str().to_string(),
     };
     push(&["-machine", &machine, "-accel", &accel.to_string()]);
-    push(&["-cpu", if accel == ResolvedAccel::Kvm { "host" } else { "max" }]);
+    push(&["-cpu", cfg.cpu_model.as_deref().unwrap_or(accel.default_cpu_model())]);
     push(&["-m", &format!("{}M", cfg.memory_mib), "-smp", &cfg.cpus.to_string()]);
     // Nothing but what the configuration asks for; a guest panic (pvpanic) makes QEMU exit
     // with status 1 so it shows as crashed; a guest reboot ends QEMU too (as `poweroff`).
@@ -145,6 +145,7 @@ mod tests {
         let mut c = QemuConfig::new("web");
         c.memory_mib = 1024;
         c.cpus = 2;
+        c.cpu_model = Some("Skylake-Server".into());
         let mut d = DiskConfig::new("/img/root.qcow2");
         d.format = Some(DiskFormat::Qcow2);
         d.boot_index = Some(2);
@@ -161,7 +162,7 @@ mod tests {
         c.vnc = Some(Vnc::Tcp(3));
         let s = args(&c, ResolvedAccel::Kvm, &[7]);
         for want in [
-            "-machine q35 -accel kvm -cpu host -m 1024M -smp 2",
+            "-machine q35 -accel kvm -cpu Skylake-Server -m 1024M -smp 2",
             "-nodefaults -no-user-config -no-reboot -action panic=exit-failure -device pvpanic",
             "-pidfile /vms/a,b/qemu.pid",
             "-chardev socket,id=qmp,path=/vms/a,,b/qmp.sock,server=on,wait=off -mon chardev=qmp,mode=control",

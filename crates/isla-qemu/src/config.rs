@@ -31,6 +31,10 @@ pub struct QemuConfig {
     pub accel: Accel,
     #[serde(default)]
     pub machine: Machine,
+    /// QEMU CPU model (`host`, `max`, `qemu64`, `Skylake-Server`...); default from
+    /// [`ResolvedAccel::default_cpu_model`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_model: Option<String>,
     /// Disks in the order the guest sees them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskConfig>,
@@ -332,6 +336,7 @@ impl QemuConfig {
             cpus: default_cpus(),
             accel: Accel::Auto,
             machine: Machine::Q35,
+            cpu_model: None,
             disks: Vec::new(),
             cdrom: None,
             kernel: None,
@@ -423,6 +428,14 @@ impl QemuConfig {
                 parse_mac(m).map_err(|msg| QemuError::config(format!("nics[{i}].mac"), msg))?;
             }
         }
+        if let Some(m) = &self.cpu_model {
+            if m.is_empty() || !m.bytes().all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c)) {
+                return Err(QemuError::config(
+                    "cpu_model",
+                    format!("`{m}` is not a CPU model name (see `qemu-system-x86_64 -cpu help`)"),
+                ));
+            }
+        }
         if let Some(Vnc::Tcp(n)) = self.vnc {
             if n > 99 {
                 return Err(QemuError::config("vnc", format!("display {n}: use 0 to 99 (TCP port 5900 + N)")));
@@ -506,6 +519,19 @@ impl fmt::Display for ResolvedAccel {
             ResolvedAccel::Kvm => "kvm",
             ResolvedAccel::Tcg => "tcg",
         })
+    }
+}
+
+impl ResolvedAccel {
+    /// The CPU model used when the configuration names none: `max` (every feature TCG
+    /// emulates) with TCG; `host` with KVM, except on a nested PVM host, where QEMU aborts
+    /// setting `host`'s and `max`'s MSRs (IA32_ARCH_CAPABILITIES) and `qemu64` is what starts.
+    pub fn default_cpu_model(self) -> &'static str {
+        match self {
+            ResolvedAccel::Tcg => "max",
+            ResolvedAccel::Kvm if isla_vmm::host::is_nested_pvm() => "qemu64",
+            ResolvedAccel::Kvm => "host",
+        }
     }
 }
 

@@ -166,6 +166,7 @@ pub struct StartInfo {
     pub accel: ResolvedAccel,
     /// Why this accelerator.
     pub accel_reason: String,
+    pub cpu_model: String,
     pub qemu_version: Option<String>,
 }
 
@@ -395,7 +396,8 @@ impl Vm {
             std::thread::sleep(Duration::from_millis(20));
         };
         self.child = Some(child);
-        Ok(StartInfo { pid, accel, accel_reason: reason.to_string(), qemu_version: version })
+        let cpu_model = self.config.cpu_model.clone().unwrap_or_else(|| accel.default_cpu_model().to_string());
+        Ok(StartInfo { pid, accel, accel_reason: reason.to_string(), cpu_model, qemu_version: version })
     }
 
     fn require_live(&mut self, what: &str) -> Result<Qmp> {
