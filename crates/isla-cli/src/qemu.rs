@@ -111,7 +111,7 @@ struct CreateArgs {
     accel: AccelArg,
     #[arg(long, value_enum, default_value = "q35")]
     machine: MachineArg,
-    /// QEMU CPU model (default: max with tcg, host with kvm, qemu64 with kvm on a nested PVM host).
+    /// QEMU CPU model (default: max with tcg, host with kvm; qemu64 on microvm and on nested PVM hosts).
     #[arg(long)]
     cpu_model: Option<String>,
     /// PATH[,format=raw|qcow2][,if=virtio|ide|scsi][,ro][,boot=N]; repeat for more disks.

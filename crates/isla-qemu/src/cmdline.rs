@@ -24,7 +24,7 @@ pub(crate) fn qemu_args(cfg: &QemuConfig, paths: &VmPaths, accel: ResolvedAccel,
         m => m.as_str().to_string(),
     };
     push(&["-machine", &machine, "-accel", &accel.to_string()]);
-    push(&["-cpu", cfg.cpu_model.as_deref().unwrap_or(accel.default_cpu_model())]);
+    push(&["-cpu", cfg.cpu_model.as_deref().unwrap_or(accel.default_cpu_model(cfg.machine))]);
     push(&["-m", &format!("{}M", cfg.memory_mib), "-smp", &cfg.cpus.to_string()]);
     // Nothing but what the configuration asks for; a guest panic (pvpanic) makes QEMU exit
     // with status 1 so it shows as crashed; a guest reboot ends QEMU too (as `poweroff`).
@@ -193,7 +193,7 @@ mod tests {
         c.serial = Serial::Socket;
         let s = args(&c, ResolvedAccel::Tcg, &[]);
         for want in [
-            "-machine microvm,acpi=on -accel tcg -cpu max",
+            "-machine microvm,acpi=on -accel tcg -cpu qemu64",
             "-display none",
             "-device virtio-blk-device,drive=disk0",
             "-kernel /k/bzImage -initrd /k/initrd -append console=ttyS0",

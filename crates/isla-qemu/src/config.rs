@@ -523,11 +523,14 @@ impl fmt::Display for ResolvedAccel {
 }
 
 impl ResolvedAccel {
-    /// The CPU model used when the configuration names none: `max` (every feature TCG
-    /// emulates) with TCG; `host` with KVM, except on a nested PVM host, where QEMU aborts
-    /// setting `host`'s and `max`'s MSRs (IA32_ARCH_CAPABILITIES) and `qemu64` is what starts.
-    pub fn default_cpu_model(self) -> &'static str {
+    /// The CPU model used when the configuration names none: with TCG `max` (every feature
+    /// TCG emulates), but `qemu64` on `microvm`, where `max` makes the kernel calibrate its TSC
+    /// against a PIT that machine lacks (it hung); with KVM `host`, except on a nested PVM host,
+    /// where QEMU aborts setting `host`'s and `max`'s MSRs (IA32_ARCH_CAPABILITIES) and
+    /// `qemu64` is what starts.
+    pub fn default_cpu_model(self, machine: Machine) -> &'static str {
         match self {
+            ResolvedAccel::Tcg if machine == Machine::Microvm => "qemu64",
             ResolvedAccel::Tcg => "max",
             ResolvedAccel::Kvm if isla_vmm::host::is_nested_pvm() => "qemu64",
             ResolvedAccel::Kvm => "host",

@@ -396,7 +396,8 @@ impl Vm {
             std::thread::sleep(Duration::from_millis(20));
         };
         self.child = Some(child);
-        let cpu_model = self.config.cpu_model.clone().unwrap_or_else(|| accel.default_cpu_model().to_string());
+        let cpu_model =
+            self.config.cpu_model.clone().unwrap_or_else(|| accel.default_cpu_model(self.config.machine).to_string());
         Ok(StartInfo { pid, accel, accel_reason: reason.to_string(), cpu_model, qemu_version: version })
     }
 
