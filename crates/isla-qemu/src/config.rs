@@ -448,19 +448,25 @@ impl QemuConfig {
     }
 }
 
-fn validate_name(name: &str) -> Result<()> {
+/// Checks a name isla uses in paths and monitor commands: 1 to `max` letters, digits, `.`, `_`
+/// or `-`, not starting with `.`; `extra` is one more condition and its wording.
+pub(crate) fn check_name(field: &str, name: &str, max: usize, extra: (bool, &str)) -> Result<()> {
     let ok = !name.is_empty()
-        && name.len() <= 64
+        && name.len() <= max
         && !name.starts_with('.')
-        && name.bytes().all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c));
+        && name.bytes().all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c))
+        && extra.0;
     if ok {
-        Ok(())
-    } else {
-        Err(QemuError::config(
-            "name",
-            format!("`{name}`: use 1 to 64 letters, digits, '.', '_' or '-' (not starting with '.')"),
-        ))
+        return Ok(());
     }
+    Err(QemuError::config(
+        field,
+        format!("`{name}`: use 1 to {max} letters, digits, '.', '_' or '-', not starting with '.'{}", extra.1),
+    ))
+}
+
+fn validate_name(name: &str) -> Result<()> {
+    check_name("name", name, 64, (true, ""))
 }
 
 fn existing_file(path: &Path, field: &str) -> Result<()> {

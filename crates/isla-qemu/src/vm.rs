@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::cmdline::qemu_args;
-use crate::config::{qemu_binary, random_mac, DiskFormat, NicConfig, QemuConfig, ResolvedAccel};
+use crate::config::{check_name, qemu_binary, random_mac, DiskFormat, NicConfig, QemuConfig, ResolvedAccel};
 use crate::error::{QemuError, Result};
 use crate::process;
 use crate::qmp::{Qmp, RunStatus};
@@ -752,18 +752,8 @@ impl Drop for Vm {
 
 fn validate_snapshot_name(name: &str) -> Result<()> {
     // HMP splits its arguments on spaces; an all-digit name would be taken for a snapshot id.
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && name.bytes().all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c))
-        && !name.bytes().all(|c| c.is_ascii_digit());
-    if ok {
-        Ok(())
-    } else {
-        Err(QemuError::config(
-            "snapshot",
-            format!("`{name}`: use 1 to 128 letters, digits, '.', '_' or '-', not only digits"),
-        ))
-    }
+    let not_id = !name.bytes().all(|c| c.is_ascii_digit());
+    check_name("snapshot", name, 128, (not_id, ", not only digits"))
 }
 
 fn remove_if_exists(p: &Path) -> Result<()> {
