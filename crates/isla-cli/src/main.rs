@@ -7,6 +7,7 @@ mod image;
 mod kit;
 mod network;
 mod peer;
+mod qemu;
 mod runtime;
 mod vmexec;
 
@@ -46,6 +47,8 @@ enum Cmd {
     Build(image::BuildArgs),
     /// Networks: bridges with NAT, bridged or host-only, for containers and microVMs.
     Network(network::NetworkArgs),
+    /// Full VMs driven through QEMU: disks, ISO, VNC, snapshots, linked clones.
+    Qemu(qemu::QemuArgs),
 }
 
 #[derive(Subcommand)]
@@ -229,6 +232,7 @@ fn main() -> ExitCode {
         Cmd::Image(a) => image::run(a).map(|()| 0),
         Cmd::Build(a) => image::build(a).map(|()| 0),
         Cmd::Network(a) => network::run(a).map(|()| 0),
+        Cmd::Qemu(a) => qemu::run(a),
     };
     match result {
         Ok(code) => ExitCode::from(code as u8),
