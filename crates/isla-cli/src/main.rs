@@ -57,11 +57,13 @@ enum VmCmd {
     ///
     /// Exit status: 0 guest powered off (or stopped by --stop-on-console), 1 error,
     /// 2 usage error, 3 guest asked for a reboot, 4 guest triple-faulted.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Measure microVM boot time and monitor memory (several runs, median and spread).
     Bench(bench::BenchArgs),
     /// Run a command in a running microVM through its agent (the VM needs a vsock device).
     Exec(vmexec::ExecArgs),
+    /// Read or change a running microVM's balloon through its API socket (`--api-sock`).
+    Balloon(vmexec::BalloonArgs),
 }
 
 #[derive(Subcommand)]
@@ -125,6 +127,10 @@ pub struct RunArgs {
     /// Stop the VM cleanly (exit status 0) when the console prints this text.
     #[arg(long)]
     stop_on_console: Option<String>,
+    /// Serve the run-time API on this unix socket (Firecracker's: GET /, PATCH /balloon,
+    /// GET /balloon/statistics; `isla vm balloon` is its client).
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
     /// Write the run's report (timings, exits, memory) as JSON to this file.
     #[arg(long)]
     report: Option<PathBuf>,
@@ -185,6 +191,7 @@ impl RunArgs {
         cfg.console = self.console.parse::<ConsoleConfig>()?;
         cfg.stop_on_console = self.stop_on_console.clone();
         cfg.insn_fallback = !self.no_insn_fallback;
+        cfg.api_socket = self.api_sock.clone();
         cfg.profile_interval = self.profile.map(|hz| std::time::Duration::from_micros(1_000_000 / u64::from(hz)));
         // isla_vmm::run validates the whole configuration before it touches KVM.
         Ok(cfg)
@@ -218,6 +225,7 @@ fn main() -> ExitCode {
             VmCmd::Run(a) => vm_run(a),
             VmCmd::Bench(a) => bench::run(a).map(|()| 0),
             VmCmd::Exec(a) => vmexec::run(a),
+            VmCmd::Balloon(a) => vmexec::balloon(a),
         },
         Cmd::Guest(GuestCmd::Build) => kit::build().map(|k| {
             k.print();

@@ -52,3 +52,36 @@ pub fn run(a: &ExecArgs) -> Result<i32> {
         other => bail!("unexpected answer from the agent: {other:?}"),
     }
 }
+
+#[derive(Args)]
+pub struct BalloonArgs {
+    /// The microVM's API socket (its `--api-sock`).
+    #[arg(long)]
+    api_sock: PathBuf,
+    /// Set the balloon's target to this many MiB (the guest gives that much memory back).
+    #[arg(long, value_name = "MIB")]
+    set: Option<u64>,
+    /// Print the guest's latest balloon statistics instead of the configuration.
+    #[arg(long)]
+    stats: bool,
+}
+
+/// `isla vm balloon`: a client of the monitor's API socket for the balloon.
+pub fn balloon(a: &BalloonArgs) -> Result<i32> {
+    use isla_vmm::api::call;
+    let fault = |status: u16, v: &serde_json::Value| -> Result<()> {
+        if status >= 400 {
+            bail!("the monitor answered {status}: {}", v["fault_message"].as_str().unwrap_or("(no message)"));
+        }
+        Ok(())
+    };
+    if let Some(mib) = a.set {
+        let (status, v) = call(&a.api_sock, "PATCH", "/balloon", Some(&serde_json::json!({ "amount_mib": mib })))?;
+        fault(status, &v)?;
+    }
+    let path = if a.stats { "/balloon/statistics" } else { "/balloon" };
+    let (status, v) = call(&a.api_sock, "GET", path, None)?;
+    fault(status, &v)?;
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(0)
+}

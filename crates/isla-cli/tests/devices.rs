@@ -1,7 +1,8 @@
 //! One real guest boot that exercises the virtio devices end to end (CI runs it as root with
 //! /dev/kvm): block (an ext4 file system the guest writes, and a qcow2 disk), network (a TAP in a
 //! network namespace this test creates: ping, and TCP both ways), vsock (every step goes through
-//! the in-guest agent, `isla vm exec`), and entropy (`/dev/hwrng`).
+//! the in-guest agent, `isla vm exec`), entropy (`/dev/hwrng`), and the balloon (inflated through
+//! the monitor's API socket).
 
 mod common;
 
@@ -81,6 +82,20 @@ fn pattern(len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// The guest's MemFree (KiB), from its agent.
+fn guest_free_kib(uds: &Path) -> u64 {
+    let o = isla().args(["vm", "exec", "--info", "--vsock"]).arg(uds).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    v["mem_free_kib"].as_u64().unwrap_or_else(|| panic!("agent info: {v} {}", stderr(&o)))
+}
+
+/// A process's resident memory (KiB).
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
 fn sh(args: &[&str]) {
     let o = Command::new(args[0]).args(&args[1..]).output().unwrap();
     assert!(o.status.success(), "{args:?}: {}", stderr(&o));
@@ -149,6 +164,7 @@ fn virtio_block_net_vsock_and_rng_in_one_guest() {
     let uds = tmp("vsock.sock");
     let console = tmp("devices.console");
     let report = tmp("devices.json");
+    let api = tmp("api.sock");
     let _ = std::fs::remove_file(&uds);
 
     // The monitor runs inside the namespace, so the TAP it opens is the one made above.
@@ -160,6 +176,8 @@ fn virtio_block_net_vsock_and_rng_in_one_guest() {
         .arg("--disk")
         .arg(format!("{},id=scratch", qcow2.display()))
         .args(["--net", &format!("{tap},mac=06:00:0a:c9:00:02")])
+        .args(["--memory", "256M", "--balloon", "0,stats=1", "--api-sock"])
+        .arg(&api)
         .args(["--cmdline", "console=ttyS0 reboot=k panic=1 pci=off quiet isla.agent=serve"])
         .arg("--console")
         .arg(format!("file:{}", console.display()))
@@ -244,6 +262,34 @@ fn virtio_block_net_vsock_and_rng_in_one_guest() {
     let got = got.expect("no connection from the guest").expect("reading the guest's upload");
     assert_eq!(got.len(), LEN, "bytes the guest sent back");
     assert!(got == data, "the bytes that came back differ from those sent");
+
+    // Balloon: the guest touches 64 MiB and frees it; inflating the balloon by 64 MiB through
+    // the API socket lowers the guest's free memory and the monitor's resident memory.
+    let (rc, out) = exec(&uds, "dd if=/dev/zero of=/tmp/fill bs=1M count=64 2>&1 && rm /tmp/fill", |_| true);
+    assert_eq!(rc, 0, "{out}");
+    let free_before = guest_free_kib(&uds);
+    let rss_before = rss_kib(vm.0.id());
+    let o = isla().args(["vm", "balloon", "--api-sock"]).arg(&api).args(["--set", "64"]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let start = Instant::now();
+    let balloon = loop {
+        let o = isla().args(["vm", "balloon", "--api-sock"]).arg(&api).output().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        if v["actual_mib"] == 64 {
+            break v;
+        }
+        assert!(start.elapsed() < Duration::from_secs(180), "the balloon did not reach 64 MiB: {v}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let free_after = guest_free_kib(&uds);
+    let rss_after = rss_kib(vm.0.id());
+    let stats = isla().args(["vm", "balloon", "--stats", "--api-sock"]).arg(&api).output().unwrap();
+    eprintln!(
+        "balloon: {balloon}\nguest MemFree {free_before} -> {free_after} KiB, monitor VmRSS {rss_before} -> {rss_after} KiB\nstatistics: {}",
+        String::from_utf8_lossy(&stats.stdout)
+    );
+    assert!(free_after + 48 * 1024 < free_before, "guest free memory {free_before} -> {free_after} KiB");
+    assert!(rss_after + 32 * 1024 < rss_before, "monitor RSS {rss_before} -> {rss_after} KiB");
 
     // Agent report, then power off from inside: the monitor ends with status 0.
     let info = isla().args(["vm", "exec", "--info", "--vsock"]).arg(&uds).output().unwrap();

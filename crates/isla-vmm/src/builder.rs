@@ -179,6 +179,20 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
     .map_err(|e| VmmError::Setup(e.to_string()))?;
     boot::write_boot_params(&mem, &params).map_err(|e| VmmError::Setup(e.to_string()))?;
 
+    let _api = match &cfg.api_socket {
+        Some(path) => {
+            let ctx = crate::api::ApiContext {
+                shared: shared.clone(),
+                vcpus: cfg.vcpus,
+                memory_mib: cfg.memory >> 20,
+                balloon: cfg.balloon.clone().zip(devices.virtio.balloon.clone()),
+            };
+            let server = crate::api::ApiServer::start(path, ctx);
+            Some(server.map_err(|e| VmmError::Setup(format!("API socket {}: {e}", path.display())))?)
+        }
+        None => None,
+    };
+
     // Kicks a vCPU thread out of KVM_RUN; the handler itself does nothing.
     extern "C" fn kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
     register_signal_handler(SIGRTMIN(), kick).map_err(|e| VmmError::Setup(format!("signal handler: {e}")))?;
@@ -194,6 +208,7 @@ pub fn run(cfg: &VmConfig) -> Result<RunReport, VmmError> {
         threads.push(t);
     }
     tracing::info!("{STARTED_LOG}: {} vCPU(s)", threads.len());
+
     if cfg.console == ConsoleConfig::Stdio {
         spawn_stdin_reader(devices.clone());
     }

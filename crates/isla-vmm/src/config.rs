@@ -297,6 +297,8 @@ pub struct VmConfig {
     pub insn_fallback: bool,
     /// Sample the guest's RIP at this interval (the guest profiler, [`crate::profile`]); None: off.
     pub profile_interval: Option<std::time::Duration>,
+    /// Serve the run-time API ([`crate::api`]) on this unix socket.
+    pub api_socket: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -318,6 +320,7 @@ impl VmConfig {
             stop_on_console: None,
             insn_fallback: true,
             profile_interval: None,
+            api_socket: None,
         }
     }
 

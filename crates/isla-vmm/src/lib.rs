@@ -11,6 +11,7 @@
 //! On nested (PVM) hosts, where the guest kernel runs under the host's instruction emulator,
 //! emulation failures go to the instruction fallback of `isla-insn`; see docs/nested-kvm.md.
 
+pub mod api;
 pub mod builder;
 pub mod config;
 pub mod devices;
