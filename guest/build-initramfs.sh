@@ -22,6 +22,9 @@ for applet in $("$busybox" --list-full); do
   [ -e "$tree/$applet" ] || ln -s /bin/busybox "$tree/$applet"
 done
 cp -a "$here/rootfs/." "$tree/"
+# Booted from the ext4 image the kernel runs /sbin/init (/init is the initramfs's): the kit's init,
+# not busybox's.
+ln -sfn /init "$tree/sbin/init"
 chmod 1777 "$tree/tmp"
 echo "root:x:0:0:root:/root:/bin/sh" > "$tree/etc/passwd"
 echo "root:x:0:" > "$tree/etc/group"

@@ -14,9 +14,17 @@ use serde_json::Value;
 /// [`boot_once`], run a second time (and the retry logged) when the guest shows the nested host's
 /// known crash of a freshly started process (issue 3's open problem, docs/nested-kvm.md), which can
 /// take init itself down.
+/// Where init comes from.
+#[derive(Clone, Copy)]
+enum Root<'a> {
+    Initrd(&'a std::path::Path),
+    /// A disk image, attached read-only as /dev/vda (`--rootfs PATH,ro`).
+    Disk(&'a std::path::Path),
+}
+
 fn boot(
     kernel: Option<&std::path::Path>,
-    initrd: &std::path::Path,
+    initrd: Root,
     cpus: u8,
     stop_on: Option<&str>,
     cmdline: &str,
@@ -32,7 +40,7 @@ fn boot(
 
 fn boot_once(
     kernel: Option<&std::path::Path>,
-    initrd: &std::path::Path,
+    initrd: Root,
     cpus: u8,
     stop_on: Option<&str>,
     cmdline: &str,
@@ -46,9 +54,11 @@ fn boot_once(
         Some(k) => cmd.arg("--kernel").arg(k),
         None => cmd.args(["--flavour", "auto"]),
     };
-    cmd.arg("--initrd")
-        .arg(initrd)
-        .arg("--console")
+    match initrd {
+        Root::Initrd(p) => cmd.arg("--initrd").arg(p),
+        Root::Disk(p) => cmd.arg("--rootfs").arg(format!("{},ro", p.display())),
+    };
+    cmd.arg("--console")
         .arg(format!("file:{}", console.display()))
         .arg("--report")
         .arg(&report)
@@ -69,7 +79,7 @@ fn boot_once(
 #[test]
 fn elf_vmlinux_with_two_vcpus_reaches_init() {
     let Some(kit) = kvm_and_kit() else { return };
-    let (code, console, report) = boot(Some(&kit.vmlinux), &kit.initramfs, 2, None, VERBOSE, "elf2");
+    let (code, console, report) = boot(Some(&kit.vmlinux), Root::Initrd(&kit.initramfs), 2, None, VERBOSE, "elf2");
     assert!(console.contains("Run /init as init process"), "console:\n{console}");
     assert!(console.contains("smpboot: Total of 2 processors activated"), "console:\n{console}");
     assert!(console.contains("ACPI: Interpreter enabled"), "the guest did not load isla's ACPI tables:\n{console}");
@@ -96,7 +106,8 @@ fn elf_vmlinux_with_two_vcpus_reaches_init() {
 #[test]
 fn bzimage_reaches_init_and_stops_cleanly() {
     let Some(kit) = kvm_and_kit() else { return };
-    let (code, console, report) = boot(Some(&kit.bzimage), &kit.initramfs, 1, Some("Run /init"), VERBOSE, "bz1");
+    let (code, console, report) =
+        boot(Some(&kit.bzimage), Root::Initrd(&kit.initramfs), 1, Some("Run /init"), VERBOSE, "bz1");
     assert_eq!(code, 0, "{report}");
     assert_eq!(report["exit"]["status"], "stopped");
     assert_eq!(report["kernel_format"], "bzimage");
@@ -114,7 +125,7 @@ fn bzimage_reaches_init_and_stops_cleanly() {
 fn auto_flavour_runs_user_programs_and_powers_off() {
     let Some(kit) = kvm_and_kit() else { return };
     let cmdline = "console=ttyS0 reboot=k panic=1 pci=off quiet isla.check=stress isla.pipelines=0 isla.parallel=0 isla.syscalls=10000";
-    let (code, console, report) = boot(None, &kit.initramfs, 2, None, cmdline, "auto2");
+    let (code, console, report) = boot(None, Root::Initrd(&kit.initramfs), 2, None, cmdline, "auto2");
     // The check's measurements (system-call cost) go to the test log.
     for line in console.lines().filter(|l| l.starts_with("isla-check:") && !l.contains("cpuinfo flags")) {
         eprintln!("{line}");
@@ -142,14 +153,18 @@ fn auto_flavour_runs_user_programs_and_powers_off() {
     }
 }
 
-/// A bzImage of the same kernel; init reboots at the end: the monitor ends with status reboot.
+/// A bzImage of the same kernel, booted from the kit's ext4 rootfs on a read-only virtio disk
+/// (no initramfs): init runs from the disk and reboots at the end, so the monitor ends with
+/// status reboot.
 #[test]
-fn guest_reboot_ends_the_monitor_with_status_3() {
+fn guest_from_an_ext4_rootfs_reboots_and_the_monitor_ends_with_status_3() {
     let Some(kit) = kvm_and_kit() else { return };
     let nested = std::path::Path::new("/sys/module/kvm_pvm").exists();
     let kernel = if nested { &kit.nested_bzimage } else { &kit.bzimage };
     let cmdline = "console=ttyS0 reboot=k panic=1 pci=off quiet isla.end=reboot";
-    let (code, console, report) = boot(Some(kernel), &kit.initramfs, 1, None, cmdline, "reboot1");
+    let (code, console, report) = boot(Some(kernel), Root::Disk(&kit.rootfs), 1, None, cmdline, "reboot1");
+    assert!(console.contains("isla-init: root fs ext4"), "init did not run from the disk:\n{console}");
+    assert!(report["cmdline"].as_str().is_some_and(|c| c.contains("root=/dev/vda ro")), "{report}");
     assert_eq!(report["exit"]["status"], "reboot", "{report}\n{console}");
     assert_eq!(code, 3);
     assert_eq!(report["kernel_format"], "bzimage");
@@ -167,7 +182,7 @@ fn guest_reboot_ends_the_monitor_with_status_3() {
 fn pipelines_and_concurrent_process_startups_are_reliable() {
     let Some(kit) = kvm_and_kit() else { return };
     let cmdline = "console=ttyS0 reboot=k panic=1 pci=off quiet isla.check=stress isla.pipelines=200 isla.parallel=8 isla.syscalls=400";
-    let (code, console, _) = boot_once(None, &kit.initramfs, 2, None, cmdline, "pipelines");
+    let (code, console, _) = boot_once(None, Root::Initrd(&kit.initramfs), 2, None, cmdline, "pipelines");
     assert_eq!(code, 0);
     assert!(console.contains("isla-check: pipelines 200/200 correct"), "{console}");
     assert!(console.contains("isla-check: parallel 8/8 shells finished, 0 wrong outputs"), "{console}");

@@ -16,6 +16,7 @@ pub struct Kit {
     pub nested_vmlinux: PathBuf,
     pub nested_bzimage: PathBuf,
     pub initramfs: PathBuf,
+    pub rootfs: PathBuf,
 }
 
 /// The guest kit and /dev/kvm, or None when they are missing and not required.
@@ -32,6 +33,7 @@ pub fn kvm_and_kit() -> Option<Kit> {
             nested_vmlinux: get("nested-vmlinux").unwrap(),
             nested_bzimage: get("nested-bzImage").unwrap(),
             initramfs: get("initramfs").unwrap(),
+            rootfs: get("rootfs").unwrap(),
         }),
         _ if required => {
             panic!("ISLA_REQUIRE_KVM=1 but /dev/kvm present={kvm}, guest kit: {}", String::from_utf8_lossy(&out.stderr))
