@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use isla_image::archive::{self, Format};
 use isla_image::build::Builder;
 use isla_image::registry::Client;
-use isla_image::{busybox, ChrootRunner, Progress, Store};
+use isla_image::{busybox, Progress, Store};
 
 #[derive(Args)]
 pub struct StoreArg {
@@ -382,7 +382,7 @@ fn build_in(store: &Store, args: &BuildArgs) -> Result<()> {
             .unwrap_or_else(|| args.context.join("Containerfile")),
     };
     let text = std::fs::read_to_string(&file).with_context(|| format!("reading {} (-f)", file.display()))?;
-    let runner = ChrootRunner;
+    let runner = crate::buildrun::ContainerRunner::new(&store.root().join("build-run"))?;
     let b = Builder {
         store,
         context: args.context.clone(),

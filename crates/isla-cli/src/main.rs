@@ -2,6 +2,7 @@
 //! Argument parsing and output only; the work is done by the library crates.
 
 mod bench;
+mod buildrun;
 mod disk;
 mod image;
 mod kit;

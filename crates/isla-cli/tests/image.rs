@@ -103,8 +103,13 @@ fn build_save_load_from_the_command_line() {
     let root = dir.path().join("store");
     let ctx = dir.path().join("ctx");
     fs::create_dir(&ctx).expect("mkdir");
-    fs::write(ctx.join("Containerfile"), "FROM busybox\nRUN echo built > /built\nCMD [\"cat\", \"/built\"]\n")
-        .expect("write");
+    // RUN runs in a container of isla's runtime: its own PID space (the shell is PID 1), the
+    // build's host name, and the runtime's default capability set (not a root shell's full one).
+    fs::write(
+        ctx.join("Containerfile"),
+        "FROM busybox\nRUN [ \"$$\" = 1 ] && [ \"$(hostname)\" = isla-build ] && grep CapBnd /proc/self/status | grep -qv ffffffff && echo built > /built\nCMD [\"cat\", \"/built\"]\n",
+    )
+    .expect("write");
     let out = Command::new(env!("CARGO_BIN_EXE_isla"))
         .arg("build")
         .arg("--root")
@@ -123,6 +128,18 @@ fn build_save_load_from_the_command_line() {
     ok(&other, &["load", "-i", tarball.to_str().expect("utf8")]);
     let inspect: serde_json::Value = serde_json::from_str(&ok(&other, &["inspect", "cli:1"])).expect("json");
     assert_eq!(inspect["config"]["config"]["Cmd"], serde_json::json!(["cat", "/built"]));
+
+    // A failing RUN fails the build and says which command and how.
+    fs::write(ctx.join("Containerfile"), "FROM busybox\nRUN exit 3\n").expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_isla"))
+        .arg("build")
+        .arg("--root")
+        .arg(&root)
+        .arg(&ctx)
+        .output()
+        .expect("isla build");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("exit 3") && err.contains("status 3"), "{err}");
 
     let missing = isla(&other, &["inspect", "nope"]);
     assert!(!missing.status.success());

@@ -38,6 +38,7 @@ pub mod testutil;
 pub use container::{check_id, Container, CreateOptions, ExecOptions, Runtime, DEFAULT_ROOT};
 pub use error::{Error, Result};
 pub use nix::sys::signal::Signal;
+pub use oci_spec;
 pub use oci_spec::runtime::{Process, Spec};
 pub use state::{State, Status};
 

@@ -15,7 +15,9 @@
 //! - `registry`: pull and push over the OCI distribution API (bearer-token and basic auth, image
 //!   indexes resolved to linux/amd64, resumable blob downloads, digest verification).
 //! - `build`: the common subset of Containerfiles, one cached layer per step; RUN steps go
-//!   through the [`RunStep`] trait ([`ChrootRunner`] until the container runtime takes over).
+//!   through the [`RunStep`] trait: `isla build` runs them in containers of isla's runtime
+//!   (isla-cli's `buildrun`); [`ChrootRunner`] is the dependency-free runner this crate's own
+//!   tests use.
 //! - `busybox`: images from a root filesystem directory and a reproducible busybox image built
 //!   from the host's busybox-static, so containers work on a machine without a network.
 //!
