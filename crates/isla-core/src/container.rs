@@ -23,6 +23,24 @@ use crate::model::{Instance, InstanceSpec, Kind, Status};
 /// Runs instances as containers.
 pub struct ContainerDriver;
 
+/// Docker's default capability set (ping needs CAP_NET_RAW, package managers CAP_CHOWN, ...).
+const DEFAULT_CAPS: [&str; 14] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
 /// The cgroup of a container: absolute, so that it does not depend on where the supervisor runs.
 pub fn cgroup_path(id: &str) -> String {
     format!("/isla/{id}")
@@ -123,6 +141,10 @@ pub fn bundle_spec(img: &isla_image::Image, inst: &Instance, rootfs: &Path) -> R
     v["process"]["env"] = json!(env);
     v["process"]["cwd"] = json!(cwd);
     v["process"]["user"] = json!({"uid": uid, "gid": gid});
+    v["process"]["capabilities"] = json!({
+        "bounding": DEFAULT_CAPS, "effective": DEFAULT_CAPS, "permitted": DEFAULT_CAPS,
+        "inheritable": [], "ambient": [],
+    });
     v["root"] = json!({"path": rootfs, "readonly": false});
     v["hostname"] = json!(spec.name);
     let mounts = v["mounts"].as_array_mut().ok_or_else(|| Error::invalid("runtime spec", "no mounts array"))?;
@@ -262,12 +284,14 @@ impl Driver for ContainerDriver {
     fn check(&self, env: &Env, spec: &InstanceSpec) -> Result<()> {
         let image = spec.image.as_deref().unwrap_or_default();
         let img = match isla_image::busybox::resolve_or_make(&env.images, image) {
-            Err(isla_image::Error::NotFound(_)) => return Err(Error::invalid(
-                "image",
-                format!(
+            Err(isla_image::Error::NotFound(_)) => {
+                return Err(Error::invalid(
+                    "image",
+                    format!(
                     "no image `{image}` in the store (see `isla image ls`; `isla image pull` or `isla build` it first)"
                 ),
-            )),
+                ))
+            }
             r => r?,
         };
         process_of(&img, spec).map(|_| ())

@@ -94,20 +94,25 @@ pub fn read(path: &Path, tail: Option<usize>) -> Result<Vec<Record>> {
         }
     }
     if let Some(n) = tail {
-        let mut lines = 0;
-        let mut cut = out.len();
-        for (i, r) in out.iter().enumerate().rev() {
-            if r.full || i + 1 == out.len() {
-                if lines == n {
-                    break;
-                }
-                lines += 1;
-            }
-            cut = i;
-        }
-        out.drain(..cut);
+        out.drain(..tail_start(&out, n));
     }
     Ok(out)
+}
+
+/// The index of the first record of the last `n` lines of `records`.
+pub fn tail_start(records: &[Record], n: usize) -> usize {
+    let mut lines = 0;
+    let mut cut = records.len();
+    for (i, r) in records.iter().enumerate().rev() {
+        if r.full || i + 1 == records.len() {
+            if lines == n {
+                break;
+            }
+            lines += 1;
+        }
+        cut = i;
+    }
+    cut
 }
 
 fn parse(line: &[u8]) -> Option<Record> {

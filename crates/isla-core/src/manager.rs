@@ -2,7 +2,7 @@
 //! operations a crash left half done ([`Manager::reconcile`], run by [`Manager::open`]).
 
 use std::fs;
-use std::io::Read;
+use std::io::BufRead;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -98,11 +98,15 @@ impl Manager {
     }
 
     /// Creates an instance (not started). On any error nothing of it remains.
-    pub fn create(&self, spec: InstanceSpec) -> Result<Instance> {
+    /// Without a name, the instance is named `i-` and the first 10 digits of its id.
+    pub fn create(&self, mut spec: InstanceSpec) -> Result<Instance> {
+        let id = new_id()?;
+        if spec.name.is_empty() {
+            spec.name = format!("i-{}", &id[..10]);
+        }
         spec.validate()?;
         let d = driver(spec.kind)?;
         d.check(&self.env, &spec)?;
-        let id = new_id()?;
         let inst = Instance {
             log_path: self.env.instance_dir(&id).join("log"),
             id,
@@ -164,7 +168,8 @@ impl Manager {
         let mut child = cmd.spawn().map_err(io(format!("starting {} __supervise", self.env.helper.display())))?;
         drop(w);
         let mut msg = String::new();
-        let _ = fs::File::from(r).read_to_string(&mut msg);
+        // One line: `ok` or `error: ...`; EOF if the supervisor died first.
+        let _ = std::io::BufReader::new(fs::File::from(r)).read_line(&mut msg);
         let fail = |msg: String| Error::Supervisor { name: inst.spec.name.clone(), msg };
         match msg.trim_end() {
             "ok" => Ok(Started { instance: self.store.find(&inst.id)?.instance, child }),

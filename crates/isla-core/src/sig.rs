@@ -42,7 +42,11 @@ pub fn adopt_fd(fd: i32) -> Result<OwnedFd> {
     }
     // SAFETY: the descriptor is open (checked above), not stdio, and nothing else in this
     // process refers to it: the parent passed it for this purpose only.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // The instance's processes must not inherit it (the parent reads until it is closed).
+    nix::fcntl::fcntl(&owned, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
+        .map_err(sys("--ready-fd"))?;
+    Ok(owned)
 }
 
 fn unsafe_borrow(fd: i32) -> std::os::fd::BorrowedFd<'static> {

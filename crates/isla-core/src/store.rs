@@ -119,12 +119,14 @@ impl Store {
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(self.db())?;
             }
             SCHEMA_VERSION => {}
-            other => return Err(Error::Db {
-                path: self.path.clone(),
-                source: rusqlite::Error::InvalidParameterName(format!(
+            other => {
+                return Err(Error::Db {
+                    path: self.path.clone(),
+                    source: rusqlite::Error::InvalidParameterName(format!(
                     "schema version {other} is newer than this isla understands ({SCHEMA_VERSION}); use a newer isla"
                 )),
-            }),
+                })
+            }
         }
         tx.commit().map_err(self.db())
     }
