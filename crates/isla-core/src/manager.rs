@@ -2,7 +2,7 @@
 //! operations a crash left half done ([`Manager::reconcile`], run by [`Manager::open`]).
 
 use std::fs;
-use std::io::BufRead;
+use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -59,6 +59,42 @@ impl Started {
         let st = self.child.wait().map_err(io("waiting for the supervisor"))?;
         Ok(st.code().unwrap_or_else(|| 128 + std::os::unix::process::ExitStatusExt::signal(&st).unwrap_or(0)))
     }
+}
+
+/// Reads the supervisor's one-line report (`ok` or `error: ...`). The supervisor's own exit
+/// ends the wait too: the instance's init, cloned before the supervisor writes, holds a copy of
+/// the pipe until its exec, so EOF alone cannot be relied on.
+fn read_ready(r: std::os::fd::OwnedFd, child: &mut Child) -> Result<String> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut f = fs::File::from(r);
+    let mut msg = Vec::new();
+    loop {
+        let readable = {
+            let mut fds = [PollFd::new(std::os::fd::AsFd::as_fd(&f), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::from(100u16)) {
+                Ok(n) => n > 0,
+                Err(nix::errno::Errno::EINTR) => false,
+                Err(e) => return Err(sys("waiting for the supervisor")(e)),
+            }
+        };
+        if readable {
+            let mut buf = [0u8; 4096];
+            match f.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    msg.extend_from_slice(&buf[..n]);
+                    if msg.ends_with(b"\n") {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io("reading the supervisor's report")(e)),
+            }
+        } else if child.try_wait().map_err(io("waiting for the supervisor"))?.is_some() {
+            break;
+        }
+    }
+    Ok(String::from_utf8_lossy(&msg).into_owned())
 }
 
 /// The instance manager of one root.
@@ -167,9 +203,7 @@ impl Manager {
         cmd.arg(&inst.id);
         let mut child = cmd.spawn().map_err(io(format!("starting {} __supervise", self.env.helper.display())))?;
         drop(w);
-        let mut msg = String::new();
-        // One line: `ok` or `error: ...`; EOF if the supervisor died first.
-        let _ = std::io::BufReader::new(fs::File::from(r)).read_line(&mut msg);
+        let msg = read_ready(r, &mut child)?;
         let fail = |msg: String| Error::Supervisor { name: inst.spec.name.clone(), msg };
         match msg.trim_end() {
             "ok" => Ok(Started { instance: self.store.find(&inst.id)?.instance, child }),
@@ -257,7 +291,8 @@ impl Manager {
     }
 
     /// Sends `signal` to the instance's main process. SIGKILL, SIGTERM and SIGINT count as a
-    /// user stop (no restart by the policy).
+    /// user stop (no restart by the policy); after SIGKILL this returns once the supervisor has
+    /// recorded the end.
     pub fn kill(&self, what: &str, signal: Signal) -> Result<()> {
         let rec = self.store.find(what)?;
         if !rec.supervisor.is_some_and(|s| s.alive()) {
@@ -266,7 +301,14 @@ impl Manager {
         if matches!(signal, Signal::SIGKILL | Signal::SIGTERM | Signal::SIGINT) {
             self.store.request_stop(&rec.instance.id)?;
         }
-        driver(rec.instance.spec.kind)?.kill(&self.env, &rec.instance, signal)
+        driver(rec.instance.spec.kind)?.kill(&self.env, &rec.instance, signal)?;
+        if signal == Signal::SIGKILL && !self.wait_supervisor_gone(&rec.instance.id, Duration::from_secs(20)) {
+            return Err(Error::Supervisor {
+                name: rec.instance.spec.name.clone(),
+                msg: "killed, but its supervisor did not finish within 20 s".into(),
+            });
+        }
+        Ok(())
     }
 
     /// Freezes a running instance.
