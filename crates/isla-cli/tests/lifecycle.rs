@@ -183,7 +183,7 @@ fn run_passes_output_and_exit_codes_through() {
 #[test]
 fn detached_logs_exec_stop_start_keep_volumes() {
     let lab = Lab::new("vol");
-    let host = lab.root.with_extension("data");
+    let host = lab.root.join("host-data");
     let host_s = host.to_str().unwrap().to_string();
     let vol = format!("{host_s}:/data");
     let id =
@@ -223,13 +223,12 @@ fn detached_logs_exec_stop_start_keep_volumes() {
     assert_eq!(std::fs::read_to_string(host.join("f")).unwrap(), "kept\n", "rm keeps the host directory");
     assert!(lab.leftovers().is_empty(), "{:?}", lab.leftovers());
     assert!(lab.ids().is_empty(), "{:?}", lab.ids());
-    let _ = std::fs::remove_dir_all(&host);
 }
 
 #[test]
 fn containers_reach_each_other_by_name_and_published_ports_serve_the_host() {
     let lab = Lab::new("net");
-    let www = lab.root.with_extension("www");
+    let www = lab.root.join("host-www");
     std::fs::create_dir_all(&www).unwrap();
     std::fs::write(www.join("index.html"), "<h1>isla web</h1>\n").unwrap();
     let vol = format!("{}:/www:ro", www.display());
@@ -255,7 +254,6 @@ fn containers_reach_each_other_by_name_and_published_ports_serve_the_host() {
     assert_eq!(lab.ps_names(), ["web", "client"]);
     lab.ok(&["rm", "-f", "web", "client"]);
     assert!(lab.leftovers().is_empty(), "{:?}", lab.leftovers());
-    let _ = std::fs::remove_dir_all(&www);
 }
 
 #[test]

@@ -419,23 +419,30 @@ impl Manager {
         let _lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
             .map_err(|(_, e)| sys(format!("locking {}", lock_path.display()))(e))?;
         let mut rep = ReconcileReport::default();
-        for rec in self.store.list()? {
+        for listed in self.store.list()? {
+            // Liveness first, then the row again: a process found dead cannot change the row
+            // any more, so if the row still names it, it died without finishing. (Reading the
+            // row first would race with an owner that finishes and exits in between.)
+            let dead_intent = listed.intent.filter(|(_, o)| !o.alive());
+            let dead_sup = listed.supervisor.filter(|s| !s.alive());
+            if dead_intent.is_none() && dead_sup.is_none() {
+                continue;
+            }
+            let Some(rec) = self.store.get(&listed.instance.id)? else { continue };
             let inst = &rec.instance;
             let name = inst.spec.name.clone();
-            let result = match rec.intent {
-                Some((intent, o)) if !o.alive() => {
-                    let r = driver(inst.spec.kind)
-                        .and_then(|d| d.remove(&self.env, inst))
-                        .and_then(|()| self.store.delete(&inst.id));
-                    if intent == Intent::Creating {
+            let result = match (rec.intent, rec.supervisor) {
+                (Some(i), _) if Some(i) == dead_intent => {
+                    if i.0 == Intent::Creating {
                         rep.rolled_back.push(name.clone());
                     } else {
                         rep.removed.push(name.clone());
                     }
-                    r
+                    driver(inst.spec.kind)
+                        .and_then(|d| d.remove(&self.env, inst))
+                        .and_then(|()| self.store.delete(&inst.id))
                 }
-                Some(_) => Ok(()),
-                None if rec.supervisor.is_some_and(|s| !s.alive()) => {
+                (None, Some(s)) if Some(s) == dead_sup => {
                     rep.dead.push(name.clone());
                     driver(inst.spec.kind).and_then(|d| d.release(&self.env, inst)).and_then(|()| {
                         let msg = "its supervisor ended without recording the exit (killed?); resources released";
@@ -443,7 +450,7 @@ impl Manager {
                         self.store.release_supervisor(&inst.id)
                     })
                 }
-                None => Ok(()),
+                _ => Ok(()),
             };
             if let Err(e) = result {
                 tracing::warn!("repairing instance {name}: {e}");

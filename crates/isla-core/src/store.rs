@@ -110,25 +110,40 @@ impl Store {
         move |source| Error::Db { path: self.path.clone(), source }
     }
 
-    fn migrate(&self) -> Result<()> {
-        let tx = self.conn.unchecked_transaction().map_err(self.db())?;
-        let v: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(self.db())?;
-        match v {
-            0 => {
-                tx.execute_batch(SCHEMA).map_err(self.db())?;
-                tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(self.db())?;
+    /// Runs `f` in a `BEGIN IMMEDIATE` transaction: it takes the write lock first (waiting up
+    /// to the busy timeout), so a read-then-write cannot fail with SQLITE_BUSY half-way as a
+    /// deferred transaction does when another process wrote in between.
+    fn immediate<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(self.db())?;
+        match f(&self.conn) {
+            Ok(v) => {
+                self.conn.execute_batch("COMMIT").map_err(self.db())?;
+                Ok(v)
             }
-            SCHEMA_VERSION => {}
-            other => {
-                return Err(Error::Db {
-                    path: self.path.clone(),
-                    source: rusqlite::Error::InvalidParameterName(format!(
-                    "schema version {other} is newer than this isla understands ({SCHEMA_VERSION}); use a newer isla"
-                )),
-                })
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(e)
             }
         }
-        tx.commit().map_err(self.db())
+    }
+
+    fn migrate(&self) -> Result<()> {
+        self.immediate(|tx| {
+            let v: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(self.db())?;
+            match v {
+                0 => {
+                    tx.execute_batch(SCHEMA).map_err(self.db())?;
+                    tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(self.db())
+                }
+                SCHEMA_VERSION => Ok(()),
+                other => Err(Error::Db {
+                    path: self.path.clone(),
+                    source: rusqlite::Error::InvalidParameterName(format!(
+                        "schema version {other} is newer than this isla understands ({SCHEMA_VERSION}); use a newer isla"
+                    )),
+                }),
+            }
+        })
     }
 
     /// The database file.
@@ -288,27 +303,27 @@ impl Store {
     /// Claims the supervision of `id` for `owner` unless a live supervisor holds it. Returns
     /// whether the claim succeeded. Clears the stop request and, with `fresh`, the restart count.
     pub fn claim_supervisor(&self, id: &str, owner: Owner, fresh: bool) -> Result<bool> {
-        let tx = self.conn.unchecked_transaction().map_err(self.db())?;
-        let cur: Option<(Option<i32>, Option<i64>)> = tx
-            .query_row("SELECT sup_pid, sup_start FROM instances WHERE id = ?1", params![id], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .optional()
-            .map_err(self.db())?;
-        let Some((pid, start)) = cur else { return Ok(false) };
-        if let Some(pid) = pid {
-            if (Owner { pid, start: start.unwrap_or(0) as u64 }).alive() && pid != owner.pid {
-                return Ok(false);
+        self.immediate(|tx| {
+            let cur: Option<(Option<i32>, Option<i64>)> = tx
+                .query_row("SELECT sup_pid, sup_start FROM instances WHERE id = ?1", params![id], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .optional()
+                .map_err(self.db())?;
+            let Some((pid, start)) = cur else { return Ok(false) };
+            if let Some(pid) = pid {
+                if (Owner { pid, start: start.unwrap_or(0) as u64 }).alive() && pid != owner.pid {
+                    return Ok(false);
+                }
             }
-        }
-        tx.execute(
-            "UPDATE instances SET sup_pid = ?2, sup_start = ?3, stop_requested = 0, error = NULL,
-             restart_count = CASE WHEN ?4 THEN 0 ELSE restart_count END WHERE id = ?1",
-            params![id, owner.pid, owner.start as i64, fresh],
-        )
-        .map_err(self.db())?;
-        tx.commit().map_err(self.db())?;
-        Ok(true)
+            tx.execute(
+                "UPDATE instances SET sup_pid = ?2, sup_start = ?3, stop_requested = 0, error = NULL,
+                 restart_count = CASE WHEN ?4 THEN 0 ELSE restart_count END WHERE id = ?1",
+                params![id, owner.pid, owner.start as i64, fresh],
+            )
+            .map_err(self.db())?;
+            Ok(true)
+        })
     }
 
     /// Records a start: running, the main pid, the start time and the network attachment.
