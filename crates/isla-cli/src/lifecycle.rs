@@ -79,9 +79,16 @@ pub struct CreateArgs {
     /// What runs it.
     #[arg(long, value_enum, default_value = "container")]
     kind: KindArg,
-    /// Image (e.g. busybox, built in).
+    /// microVM: kernel to boot (default: the guest kit's).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// microVM: ext4 root file system image (default: the guest kit's initramfs).
+    #[arg(long)]
+    rootfs: Option<PathBuf>,
+    /// Image (e.g. busybox, built in); `kit` for a microVM of the guest kit.
     image: String,
-    /// Command and arguments (default: the image's CMD).
+    /// Command and arguments (default: the image's CMD); for a microVM, words added to the
+    /// kernel command line.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     command: Vec<String>,
 }
@@ -95,6 +102,8 @@ impl CreateArgs {
             KindArg::Vm => Kind::Vm,
         };
         s.command = self.command.clone();
+        s.kernel = self.kernel.clone();
+        s.rootfs = self.rootfs.clone();
         s.env = self.env.clone();
         s.workdir = self.workdir.clone();
         s.ports = self.ports.iter().map(|p| p.parse()).collect::<Result<_, isla_net::Error>>().context("-p")?;

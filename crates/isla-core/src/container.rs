@@ -230,7 +230,7 @@ fn write(p: &Path, s: &str) -> Result<()> {
 }
 
 /// The default network is made on first use; others must exist.
-fn ensure_network(nets: &isla_net::Networks, name: &str) -> Result<()> {
+pub(crate) fn ensure_network(nets: &isla_net::Networks, name: &str) -> Result<()> {
     match nets.inspect(name) {
         Ok(_) => Ok(()),
         Err(isla_net::Error::NoSuchNetwork(_)) if name == crate::DEFAULT_NETWORK => {

@@ -6,8 +6,9 @@
 //! versioned schema; [`store`]) and drives them through a [`Driver`] per kind. The container
 //! driver ([`container::ContainerDriver`]) is complete: image store root file systems
 //! (`isla-image`), an OCI bundle from the spec, isla's runtime (`isla-container`), veth, port
-//! publishing and names on a network (`isla-net`). MicroVM and VM drivers are not written yet
-//! ([`Error::Unsupported`]).
+//! publishing and names on a network (`isla-net`). The microVM driver
+//! ([`microvm::MicrovmDriver`]) runs `isla vm run` monitors on a TAP with the guest kit; the
+//! full-VM (QEMU) driver is not written yet ([`Error::Unsupported`]).
 //!
 //! There is no daemon: each started instance gets a small supervisor process
 //! ([`supervise::supervise`], run as `isla __supervise`), the parent of the instance's process,
@@ -29,6 +30,7 @@ pub mod driver;
 pub mod error;
 pub mod logs;
 mod manager;
+pub mod microvm;
 pub mod model;
 pub mod proc;
 mod sig;

@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::container::ContainerDriver;
 use crate::driver::{wait_until, Driver, Env, ExecRequest, Stats};
 use crate::error::{io, sys, Error, Result};
+use crate::microvm::MicrovmDriver;
 use crate::model::{Instance, InstanceSpec, Kind, Status};
 use crate::proc::{crash_point, new_id, now_rfc3339, Owner};
 use crate::store::{Intent, Record, Store};
@@ -24,12 +25,14 @@ pub const DEFAULT_ROOT: &str = "/var/lib/isla";
 pub const DEFAULT_NETWORK: &str = "isla0";
 
 static CONTAINER: ContainerDriver = ContainerDriver;
+static MICROVM: MicrovmDriver = MicrovmDriver;
 
 /// The driver of `kind`.
 pub fn driver(kind: Kind) -> Result<&'static dyn Driver> {
     match kind {
         Kind::Container => Ok(&CONTAINER),
-        Kind::Microvm | Kind::Vm => Err(Error::Unsupported(kind.to_string())),
+        Kind::Microvm => Ok(&MICROVM),
+        Kind::Vm => Err(Error::Unsupported(kind.to_string())),
     }
 }
 
