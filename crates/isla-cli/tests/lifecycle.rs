@@ -168,7 +168,7 @@ fn run_passes_output_and_exit_codes_through() {
         "echo $GREETING $(pwd) $(hostname)",
     ]);
     assert_eq!(out, "hola /tmp envy\n");
-    // --rm removed it; a killed process reports 128+9.
+    // --rm removed it.
     let names = lab.ps_names();
     assert_eq!(names.len(), 2, "{names:?}");
     assert!(names[0].starts_with("i-") && names[1] == "seven", "{names:?}");
@@ -177,6 +177,18 @@ fn run_passes_output_and_exit_codes_through() {
     lab.ok(&["kill", "victim"]);
     let v: serde_json::Value = serde_json::from_str(&lab.ok(&["inspect", "victim"])).unwrap();
     assert_eq!((v[0]["status"]["state"].as_str(), v[0]["exit_code"].as_i64()), (Some("stopped"), Some(137)));
+    // on-failure:2 runs it three times, then leaves it exited with its code.
+    lab.ok(&["run", "-d", "--name", "flaky", "--restart", "on-failure:2", "busybox", "sh", "-c", "echo try; exit 3"]);
+    let mut v = serde_json::Value::Null;
+    for _ in 0..200 {
+        v = serde_json::from_str::<serde_json::Value>(&lab.ok(&["inspect", "flaky"])).unwrap()[0].clone();
+        if v["supervisor_pid"].is_null() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!((v["status"]["exit_code"].as_i64(), v["restart_count"].as_u64()), (Some(3), Some(2)), "{v}");
+    assert_eq!(lab.ok(&["logs", "flaky"]), "try\ntry\ntry\n");
     assert!(lab.leftovers().is_empty(), "{:?}", lab.leftovers());
 }
 
