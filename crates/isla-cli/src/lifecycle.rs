@@ -12,6 +12,8 @@ use clap::{Args, Subcommand, ValueEnum};
 use isla_core::logs::Stream;
 use isla_core::{model, ExecRequest, Instance, InstanceSpec, Kind, Manager, Status};
 
+mod bench;
+
 #[derive(Args, Clone)]
 pub struct Root {
     /// isla's state directory (database, instances, images, networks).
@@ -245,6 +247,9 @@ pub enum LifecycleCmd {
         #[arg(long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// Measure instance start-up: `run -d` to an HTTP answer, many `run -d` at once, the
+    /// supervisors' memory (in a network namespace of its own, on a scratch root).
+    InstanceBench(bench::BenchArgs),
     /// (internal) Supervise one instance: the parent of its process.
     #[command(name = "__supervise", hide = true)]
     Supervise {
@@ -342,6 +347,7 @@ pub fn run(cmd: &LifecycleCmd) -> Result<i32> {
             Ok(root.open()?.exec(name, &req)?)
         }
         LifecycleCmd::Stats { root, names, output } => stats(&root.open()?, names, *output),
+        LifecycleCmd::InstanceBench(a) => bench::run(a).map(|()| 0),
         LifecycleCmd::Supervise { root, ready_fd, attach, id } => {
             let helper = std::env::current_exe().context("finding the isla executable")?;
             Ok(isla_core::supervise::supervise(&root.root, helper, id, *attach, *ready_fd)?)
