@@ -57,9 +57,21 @@ pub struct Started {
 }
 
 impl Started {
-    /// Waits for the supervisor of an attached start: the instance's exit code.
+    /// Waits for the supervisor of an attached start: the instance's exit code. SIGINT,
+    /// SIGTERM, SIGHUP and SIGQUIT sent to this process meanwhile are passed on to the
+    /// supervisor, which passes them to the instance (Docker's sig-proxy).
     pub fn wait(mut self) -> Result<i32> {
-        let st = self.child.wait().map_err(io("waiting for the supervisor"))?;
+        crate::sig::catch_forwarded()?;
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let st = loop {
+            if let Some(s) = crate::sig::take() {
+                let _ = nix::sys::signal::kill(pid, s);
+            }
+            match self.child.try_wait().map_err(io("waiting for the supervisor"))? {
+                Some(st) => break st,
+                None => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
         Ok(st.code().unwrap_or_else(|| 128 + std::os::unix::process::ExitStatusExt::signal(&st).unwrap_or(0)))
     }
 }

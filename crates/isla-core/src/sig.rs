@@ -1,5 +1,6 @@
-//! The supervisor's two pieces of `unsafe`: catching the signals it forwards to the instance,
-//! and adopting the readiness pipe its parent passed by descriptor number.
+//! The supervisor's `unsafe`, all of it: the signal actions (catching what it forwards to the
+//! instance, SIGPIPE's default around the clone) and adopting the readiness pipe its parent
+//! passed by descriptor number.
 
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -37,7 +38,7 @@ pub fn take() -> Option<Signal> {
 pub fn adopt_fd(fd: i32) -> Result<OwnedFd> {
     // Refuse a number that is not an open descriptor (or one of stdio), rather than owning a
     // descriptor that something else owns.
-    if fd <= 2 || nix::fcntl::fcntl(unsafe_borrow(fd), nix::fcntl::FcntlArg::F_GETFD).is_err() {
+    if fd <= 2 || std::fs::symlink_metadata(format!("/proc/self/fd/{fd}")).is_err() {
         return Err(Error::invalid("--ready-fd", format!("{fd} is not an open descriptor")));
     }
     // SAFETY: the descriptor is open (checked above), not stdio, and nothing else in this
@@ -47,11 +48,6 @@ pub fn adopt_fd(fd: i32) -> Result<OwnedFd> {
     nix::fcntl::fcntl(&owned, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
         .map_err(sys("--ready-fd"))?;
     Ok(owned)
-}
-
-fn unsafe_borrow(fd: i32) -> std::os::fd::BorrowedFd<'static> {
-    // SAFETY: only used for the F_GETFD probe above, which tolerates a closed descriptor.
-    unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
 }
 
 /// Runs `f` with SIGPIPE at its default action, so that processes cloned and exec'd inside
