@@ -214,12 +214,18 @@ fn detached_logs_exec_stop_start_keep_volumes() {
     assert!(ps.contains("keeper") && ps.contains("running"), "{ps}");
     let stats: serde_json::Value = serde_json::from_str(&lab.ok(&["stats", "--output", "json", "keeper"])).unwrap();
     assert!(stats[0]["pids"].as_u64().unwrap() >= 1, "{stats}");
+    let err = lab.fails(&["start", "keeper"]);
+    assert!(err.contains("it is running already"), "{err}");
+    // `logs -f` follows until the instance ends.
+    let follower = lab.cmd(&["logs", "-f", "keeper"], &[]).stdout(std::process::Stdio::piped()).spawn().unwrap();
     lab.ok(&["pause", "keeper"]);
     assert_eq!(lab.status("keeper")["state"], "paused");
     lab.ok(&["resume", "keeper"]);
     // sleep ignores nothing: SIGTERM ends it within the timeout.
     lab.ok(&["stop", "-t", "5", "keeper"]);
     assert_eq!(lab.status("keeper")["state"], "stopped");
+    let followed = follower.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&followed.stdout), "started\n");
     assert!(!lab.ok(&["ps"]).contains("keeper"));
     assert!(lab.leftovers().is_empty(), "a stopped instance holds nothing: {:?}", lab.leftovers());
     lab.ok(&["start", "keeper"]);

@@ -131,8 +131,11 @@ impl Manager {
     /// Opens without repairing anything, with `helper` as the `isla` binary (supervisors and
     /// `isla runtime exec` run it).
     pub fn open_with_helper(root: &Path, helper: PathBuf) -> Result<Manager> {
+        // Logs, bundles and the database are root's business only.
         for d in [root.to_path_buf(), root.join("instances")] {
-            fs::create_dir_all(&d).map_err(io(format!("creating {}", d.display())))?;
+            std::os::unix::fs::DirBuilderExt::mode(fs::DirBuilder::new().recursive(true), 0o700)
+                .create(&d)
+                .map_err(io(format!("creating {}", d.display())))?;
         }
         let images = isla_image::Store::open(root.join("images"))?;
         let store = Store::open(root)?;
