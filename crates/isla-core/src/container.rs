@@ -329,7 +329,7 @@ impl Driver for ContainerDriver {
             Ok(a)
         });
         match r {
-            Ok(attachment) => Ok(Launched { pid, attachment }),
+            Ok(attachment) => Ok(Launched { pid, attachment, follow: None, keep: None }),
             Err(e) => {
                 let _ = c.kill(Signal::SIGKILL, true);
                 let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
@@ -396,11 +396,7 @@ impl Driver for ContainerDriver {
         if env.images.root().join("containers").join(&inst.id).exists() {
             env.images.remove_rootfs(&inst.id)?;
         }
-        let dir = env.instance_dir(&inst.id);
-        match std::fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(format!("removing {}", dir.display()))(e)),
-            _ => Ok(()),
-        }
+        crate::driver::remove_instance_dir(env, &inst.id)
     }
 
     fn state(&self, env: &Env, inst: &Instance) -> Result<Option<Status>> {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::error::Result;
+use crate::error::{io, Result};
 use crate::model::{Instance, InstanceSpec, Kind, Status};
 
 /// Where things live and which binary to run for helper processes.
@@ -46,12 +46,16 @@ pub struct Stdio {
 }
 
 /// What [`Driver::start`] started.
-#[derive(Debug, Clone)]
 pub struct Launched {
     /// The main process, a child of the calling supervisor.
     pub pid: i32,
     /// Its network attachment.
     pub attachment: Option<isla_net::Attachment>,
+    /// A file the instance writes its console to instead of the stdio pipes (a VM's serial
+    /// port): the supervisor copies what is appended to it into the log.
+    pub follow: Option<PathBuf>,
+    /// Whatever must live as long as the main process runs (e.g. a handle owning it).
+    pub keep: Option<Box<dyn std::any::Any>>,
 }
 
 /// What `exec` runs.
@@ -131,5 +135,37 @@ pub fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
             return false;
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// CPU time, resident memory and threads of a process that runs an instance (a VM monitor).
+pub fn process_stats(pid: i32, memory_limit: Option<u64>) -> Result<Stats> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(io(format!("reading /proc/{pid}/stat")))?;
+    let fields: Vec<&str> = stat.rsplit_once(") ").map(|(_, r)| r.split(' ').collect()).unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100).max(1) as u64;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let value = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Ok(Stats {
+        // utime + stime: fields 14 and 15 of stat(5), 11 and 12 after the command name.
+        cpu_ns: (ticks(11) + ticks(12)) * 1_000_000_000 / hz,
+        memory: value("VmRSS:") * 1024,
+        memory_limit,
+        pids: value("Threads:"),
+    })
+}
+
+/// Deletes `<root>/instances/<id>` (a missing directory is fine).
+pub fn remove_instance_dir(env: &Env, id: &str) -> Result<()> {
+    let dir = env.instance_dir(id);
+    match std::fs::remove_dir_all(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(format!("removing {}", dir.display()))(e)),
+        _ => Ok(()),
     }
 }

@@ -36,6 +36,7 @@ pub mod proc;
 mod sig;
 pub mod store;
 pub mod supervise;
+pub mod vm;
 
 pub use driver::{Driver, Env, ExecRequest, Stats};
 pub use error::{Error, Result};

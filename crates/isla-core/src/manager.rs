@@ -18,6 +18,7 @@ use crate::microvm::MicrovmDriver;
 use crate::model::{Instance, InstanceSpec, Kind, Status};
 use crate::proc::{crash_point, new_id, now_rfc3339, Owner};
 use crate::store::{Intent, Record, Store};
+use crate::vm::VmDriver;
 
 /// The default root: database, instances, images, networks and runtime state below it.
 pub const DEFAULT_ROOT: &str = "/var/lib/isla";
@@ -26,13 +27,14 @@ pub const DEFAULT_NETWORK: &str = "isla0";
 
 static CONTAINER: ContainerDriver = ContainerDriver;
 static MICROVM: MicrovmDriver = MicrovmDriver;
+static VM: VmDriver = VmDriver;
 
 /// The driver of `kind`.
 pub fn driver(kind: Kind) -> Result<&'static dyn Driver> {
     match kind {
         Kind::Container => Ok(&CONTAINER),
         Kind::Microvm => Ok(&MICROVM),
-        Kind::Vm => Err(Error::Unsupported(kind.to_string())),
+        Kind::Vm => Ok(&VM),
     }
 }
 

@@ -127,7 +127,7 @@ impl Driver for MicrovmDriver {
         cmd.stdin(std::process::Stdio::null()).stdout(stdio.out).stderr(stdio.err);
         match cmd.spawn() {
             // The supervisor reaps it with waitpid; the Child handle is not needed.
-            Ok(child) => Ok(Launched { pid: child.id() as i32, attachment }),
+            Ok(child) => Ok(Launched { pid: child.id() as i32, attachment, follow: None, keep: None }),
             Err(e) => {
                 let _ = self.detach(env, inst);
                 Err(io(format!("starting {} vm run", env.helper.display()))(e))
@@ -178,11 +178,7 @@ impl Driver for MicrovmDriver {
 
     fn remove(&self, env: &Env, inst: &Instance) -> Result<()> {
         self.release(env, inst)?;
-        let dir = env.instance_dir(&inst.id);
-        match std::fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(format!("removing {}", dir.display()))(e)),
-            _ => Ok(()),
-        }
+        crate::driver::remove_instance_dir(env, &inst.id)
     }
 
     fn state(&self, _env: &Env, inst: &Instance) -> Result<Option<Status>> {
@@ -219,25 +215,6 @@ impl Driver for MicrovmDriver {
 
     fn stats(&self, _env: &Env, inst: &Instance) -> Result<Stats> {
         let m = monitor(inst).ok_or_else(|| not_running(inst))?;
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", m.pid)).map_err(io("reading the monitor's stat"))?;
-        let fields: Vec<&str> = stat.rsplit_once(") ").map(|(_, r)| r.split(' ').collect()).unwrap_or_default();
-        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as u64;
-        let status = std::fs::read_to_string(format!("/proc/{}/status", m.pid)).unwrap_or_default();
-        let kib = |k: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(k))
-                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        Ok(Stats {
-            // utime + stime (fields 14 and 15, here 11 and 12 after the command name).
-            cpu_ns: (ticks(11) + ticks(12)) * 1_000_000_000 / hz.max(1),
-            memory: kib("VmRSS:") * 1024,
-            memory_limit: inst.spec.memory,
-            pids: kib("Threads:"),
-        })
+        crate::driver::process_stats(m.pid, inst.spec.memory)
     }
 }

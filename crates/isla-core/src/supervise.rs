@@ -9,7 +9,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -94,7 +94,9 @@ fn run(
             };
         store.set_running(id, launched.pid, &now_rfc3339(), launched.attachment.as_ref())?;
         report(ready, "ok\n");
-        let code = pump(launched.pid, out_r, err_r, &mut log, attach)?;
+        let follow = launched.follow.as_deref().and_then(|p| File::open(p).ok());
+        let code = pump(launched.pid, [Some(File::from(out_r)), Some(File::from(err_r)), follow], &mut log, attach)?;
+        drop(launched.keep);
         if let Err(e) = d.release(m.env(), &inst) {
             tracing::error!("releasing {name}: {e}");
             store.set_error(id, &format!("releasing after the exit: {e}"))?;
@@ -122,16 +124,19 @@ fn run(
     Ok(code)
 }
 
-/// Copies the instance's output to the log (and to our stdout/stderr when attached), forwards
-/// the signals this process catches, and returns the exit code once `pid` has ended.
-fn pump(pid: i32, out: OwnedFd, err: OwnedFd, log: &mut LogWriter, attach: bool) -> Result<i32> {
+/// Copies the instance's output to the log (and to our stdout/stderr when attached): the
+/// stdout and stderr pipes, and a console file the instance appends to (read as stdout).
+/// Forwards the signals this process catches, and returns the exit code once `pid` has ended.
+fn pump(pid: i32, files: [Option<File>; 3], log: &mut LogWriter, attach: bool) -> Result<i32> {
     let pid = Pid::from_raw(pid);
-    for fd in [&out, &err] {
-        let fl = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL).map_err(sys("fcntl"))?;
+    for f in files.iter().take(2).flatten() {
+        let fl = nix::fcntl::fcntl(f, nix::fcntl::FcntlArg::F_GETFL).map_err(sys("fcntl"))?;
         let fl = nix::fcntl::OFlag::from_bits_truncate(fl) | nix::fcntl::OFlag::O_NONBLOCK;
-        nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(fl)).map_err(sys("fcntl"))?;
+        nix::fcntl::fcntl(f, nix::fcntl::FcntlArg::F_SETFL(fl)).map_err(sys("fcntl"))?;
     }
-    let mut streams = [(Some(File::from(out)), Stream::Stdout), (Some(File::from(err)), Stream::Stderr)];
+    let [out, err, console] = files;
+    let mut streams = [(out, Stream::Stdout), (err, Stream::Stderr)];
+    let mut console = console;
     let mut buf = vec![0u8; 64 * 1024];
     let mut drain = |streams: &mut [(Option<File>, Stream); 2], log: &mut LogWriter| -> Result<()> {
         for (f, stream) in streams.iter_mut() {
@@ -154,6 +159,19 @@ fn pump(pid: i32, out: OwnedFd, err: OwnedFd, log: &mut LogWriter, attach: bool)
         }
         Ok(())
     };
+    // A regular file: read to its current end each round (EOF only means "nothing new yet").
+    let tail = |console: &mut Option<File>, log: &mut LogWriter| -> Result<()> {
+        if let Some(f) = console.as_mut() {
+            let mut chunk = Vec::new();
+            if f.read_to_end(&mut chunk).is_ok() && !chunk.is_empty() {
+                log.write(Stream::Stdout, &chunk)?;
+                if attach {
+                    let _ = std::io::stdout().write_all(&chunk);
+                }
+            }
+        }
+        Ok(())
+    };
     loop {
         if let Some(s) = crate::sig::take() {
             let _ = nix::sys::signal::kill(pid, s);
@@ -167,6 +185,7 @@ fn pump(pid: i32, out: OwnedFd, err: OwnedFd, log: &mut LogWriter, attach: bool)
             let _ = poll(&mut fds, PollTimeout::from(200u16));
         }
         drain(&mut streams, log)?;
+        tail(&mut console, log)?;
         let code = match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::Exited(_, c)) => c,
             Ok(WaitStatus::Signaled(_, s, _)) => 128 + s as i32,
@@ -177,6 +196,7 @@ fn pump(pid: i32, out: OwnedFd, err: OwnedFd, log: &mut LogWriter, attach: bool)
         // Whatever the process wrote before it ended; descendants that keep the pipes open
         // are not waited for.
         drain(&mut streams, log)?;
+        tail(&mut console, log)?;
         return Ok(code);
     }
 }
