@@ -7,8 +7,9 @@
 //! driver ([`container::ContainerDriver`]) is complete: image store root file systems
 //! (`isla-image`), an OCI bundle from the spec, isla's runtime (`isla-container`), veth, port
 //! publishing and names on a network (`isla-net`). The microVM driver
-//! ([`microvm::MicrovmDriver`]) runs `isla vm run` monitors on a TAP with the guest kit; the
-//! full-VM (QEMU) driver is not written yet ([`Error::Unsupported`]).
+//! ([`microvm::MicrovmDriver`]) runs `isla vm run` monitors on a TAP with the guest kit, the
+//! full-VM driver ([`vm::VmDriver`]) QEMU through `isla-qemu`. Container images cannot boot as
+//! VMs yet ([`Error::Unsupported`]).
 //!
 //! There is no daemon: each started instance gets a small supervisor process
 //! ([`supervise::supervise`], run as `isla __supervise`), the parent of the instance's process,
