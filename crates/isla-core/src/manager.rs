@@ -170,6 +170,7 @@ impl Manager {
             status: Status::Created,
             exit_code: None,
             pid: None,
+            pid_start: None,
             supervisor_pid: None,
             created: now_rfc3339(),
             started: None,

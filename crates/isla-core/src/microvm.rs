@@ -32,7 +32,7 @@ fn vsock_path(env: &Env, id: &str) -> PathBuf {
 
 /// The monitor process of a running instance, if it still runs.
 fn monitor(inst: &Instance) -> Option<Owner> {
-    inst.pid.and_then(Owner::of)
+    inst.main_process()
 }
 
 fn not_running(inst: &Instance) -> Error {

@@ -344,8 +344,11 @@ pub struct Instance {
     pub status: Status,
     /// Last exit code (also after `stop`).
     pub exit_code: Option<i32>,
-    /// The instance's main process (container init) while it runs.
+    /// The instance's main process (container init, VM monitor, QEMU) while it runs.
     pub pid: Option<i32>,
+    /// Its start time (clock ticks since boot), which tells it from a later process that
+    /// reuses the pid.
+    pub pid_start: Option<u64>,
     /// The supervisor process while it runs.
     pub supervisor_pid: Option<i32>,
     /// RFC 3339 times.
@@ -365,6 +368,12 @@ pub struct Instance {
 }
 
 impl Instance {
+    /// The main process, if it is still the one that was started.
+    pub fn main_process(&self) -> Option<crate::proc::Owner> {
+        let o = crate::proc::Owner { pid: self.pid?, start: self.pid_start? };
+        o.alive().then_some(o)
+    }
+
     /// The first 12 hex digits of the id.
     pub fn short_id(&self) -> &str {
         &self.id[..self.id.len().min(12)]

@@ -31,6 +31,7 @@ CREATE TABLE instances (
     status TEXT NOT NULL,
     exit_code INTEGER,
     pid INTEGER,
+    pid_start INTEGER,
     sup_pid INTEGER,
     sup_start INTEGER,
     stop_requested INTEGER NOT NULL DEFAULT 0,
@@ -180,6 +181,7 @@ impl Store {
             status,
             exit_code,
             pid: r.get("pid")?,
+            pid_start: r.get::<_, Option<i64>>("pid_start")?.map(|s| s as u64),
             supervisor_pid: r.get("sup_pid")?,
             created: r.get("created")?,
             started: r.get("started")?,
@@ -326,19 +328,20 @@ impl Store {
         })
     }
 
-    /// Records a start: running, the main pid, the start time and the network attachment.
+    /// Records a start: running, the main process, the start time and the network attachment.
     pub fn set_running(
         &self,
         id: &str,
-        pid: i32,
+        main: Owner,
         started: &str,
         attachment: Option<&isla_net::Attachment>,
     ) -> Result<()> {
         let a = attachment.map(|a| serde_json::to_string(a).unwrap_or_default());
         self.conn
             .execute(
-                "UPDATE instances SET status = 'running', pid = ?2, started = ?3, attachment = ?4 WHERE id = ?1",
-                params![id, pid, started, a],
+                "UPDATE instances SET status = 'running', pid = ?2, pid_start = ?3, started = ?4, attachment = ?5
+                 WHERE id = ?1",
+                params![id, main.pid, main.start as i64, started, a],
             )
             .map_err(self.db())?;
         Ok(())
@@ -357,7 +360,8 @@ impl Store {
         self.set_status(id, status, code, Some(finished))?;
         self.conn
             .execute(
-                "UPDATE instances SET pid = NULL, attachment = NULL, error = COALESCE(?2, error) WHERE id = ?1",
+                "UPDATE instances SET pid = NULL, pid_start = NULL, attachment = NULL, error = COALESCE(?2, error)
+                 WHERE id = ?1",
                 params![id, error],
             )
             .map_err(self.db())?;
@@ -408,6 +412,7 @@ mod tests {
             status: Status::Created,
             exit_code: None,
             pid: None,
+            pid_start: None,
             supervisor_pid: None,
             created: crate::proc::now_rfc3339(),
             started: None,

@@ -92,7 +92,8 @@ fn run(
                     return Err(e);
                 }
             };
-        store.set_running(id, launched.pid, &now_rfc3339(), launched.attachment.as_ref())?;
+        let main = Owner::of(launched.pid).unwrap_or(Owner { pid: launched.pid, start: 0 });
+        store.set_running(id, main, &now_rfc3339(), launched.attachment.as_ref())?;
         report(ready, "ok\n");
         let follow = launched.follow.as_deref().and_then(|p| File::open(p).ok());
         let code = pump(launched.pid, [Some(File::from(out_r)), Some(File::from(err_r)), follow], &mut log, attach)?;

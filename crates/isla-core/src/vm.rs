@@ -47,7 +47,7 @@ fn kit(env: &Env) -> Result<(PathBuf, PathBuf)> {
 }
 
 fn monitor(inst: &Instance) -> Option<Owner> {
-    inst.pid.and_then(Owner::of)
+    inst.main_process()
 }
 
 fn not_running(inst: &Instance) -> Error {
