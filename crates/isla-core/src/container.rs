@@ -190,13 +190,12 @@ fn with_stdio<T>(stdio: &Stdio, f: impl FnOnce() -> T) -> Result<T> {
 
 impl ContainerDriver {
     fn detach(&self, env: &Env, inst: &Instance) -> Result<()> {
-        let Some(net) = inst.spec.network_name() else { return Ok(()) };
-        let nets = env.networks()?;
-        match nets.detach(net, &inst.id) {
-            Ok(()) => refresh_hosts(env, &nets, net),
-            Err(isla_net::Error::NotAttached { .. } | isla_net::Error::NoSuchNetwork(_)) => Ok(()),
-            Err(e) => Err(e.into()),
+        if crate::driver::detach_network(env, inst)? {
+            if let Some(net) = inst.spec.network_name() {
+                refresh_hosts(env, &env.networks()?, net)?;
+            }
         }
+        Ok(())
     }
 
     fn plug(&self, env: &Env, inst: &Instance, pid: i32) -> Result<Option<isla_net::Attachment>> {

@@ -169,3 +169,14 @@ pub fn remove_instance_dir(env: &Env, id: &str) -> Result<()> {
         _ => Ok(()),
     }
 }
+
+/// Detaches the instance from its network; an instance that is not attached (or whose network
+/// is gone) is fine. Whether a link was detached.
+pub fn detach_network(env: &Env, inst: &Instance) -> Result<bool> {
+    let Some(net) = inst.spec.network_name() else { return Ok(false) };
+    match env.networks()?.detach(net, &inst.id) {
+        Ok(()) => Ok(true),
+        Err(isla_net::Error::NotAttached { .. } | isla_net::Error::NoSuchNetwork(_)) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}

@@ -32,8 +32,8 @@ pub enum Error {
         /// What to do instead.
         msg: String,
     },
-    /// The kind has no driver yet.
-    #[error("{0} instances are not supported by this build of isla-core yet (see docs/manager.md)")]
+    /// Something the drivers cannot do yet (the message says what and what to use instead).
+    #[error("{0} (see docs/manager.md)")]
     Unsupported(String),
     /// The state database.
     #[error("state database {path}: {source}")]

@@ -29,6 +29,7 @@
 pub mod container;
 pub mod driver;
 pub mod error;
+pub mod guest;
 pub mod logs;
 mod manager;
 pub mod microvm;

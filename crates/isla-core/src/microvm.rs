@@ -15,48 +15,16 @@ use std::time::Duration;
 
 use isla_container::Signal;
 
-use crate::driver::{wait_until, Driver, Env, ExecRequest, Launched, Stats, Stdio};
+use crate::driver::{detach_network, wait_until, Driver, Env, ExecRequest, Launched, Stats, Stdio};
 use crate::error::{io, Error, Result};
+use crate::guest;
 use crate::model::{Instance, InstanceSpec, Kind, Status};
-use crate::proc::Owner;
 
 /// Runs instances as microVMs.
 pub struct MicrovmDriver;
 
-/// The image name that means "the guest kit" (`isla run --kind microvm kit`).
-pub const KIT_IMAGE: &str = "kit";
-
 fn vsock_path(env: &Env, id: &str) -> PathBuf {
     env.instance_dir(id).join("vsock.sock")
-}
-
-/// The monitor process of a running instance, if it still runs.
-fn monitor(inst: &Instance) -> Option<Owner> {
-    inst.main_process()
-}
-
-fn not_running(inst: &Instance) -> Error {
-    Error::State {
-        name: inst.spec.name.clone(),
-        status: inst.status.to_string(),
-        msg: "its monitor is not running (start it first)".into(),
-    }
-}
-
-fn signal(inst: &Instance, s: Signal) -> Result<()> {
-    let m = monitor(inst).ok_or_else(|| not_running(inst))?;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(m.pid), s)
-        .map_err(crate::error::sys(format!("signalling {}", inst.spec.name)))
-}
-
-impl MicrovmDriver {
-    fn detach(&self, env: &Env, inst: &Instance) -> Result<()> {
-        let Some(net) = inst.spec.network_name() else { return Ok(()) };
-        match env.networks()?.detach(net, &inst.id) {
-            Ok(()) | Err(isla_net::Error::NotAttached { .. } | isla_net::Error::NoSuchNetwork(_)) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
-    }
 }
 
 impl Driver for MicrovmDriver {
@@ -65,20 +33,7 @@ impl Driver for MicrovmDriver {
     }
 
     fn check(&self, _env: &Env, spec: &InstanceSpec) -> Result<()> {
-        if let Some(img) = spec.image.as_deref().filter(|i| *i != KIT_IMAGE) {
-            return Err(Error::Unsupported(format!(
-                "microvm instances of container images (`{img}`) are not supported yet; use the image name `{KIT_IMAGE}` (the guest kit), or kit with --kernel/--rootfs, and"
-            )));
-        }
-        if !spec.volumes.is_empty() {
-            return Err(Error::invalid("-v", "microVMs take no volumes yet (use --rootfs)"));
-        }
-        for p in spec.kernel.iter().chain(&spec.rootfs) {
-            if !p.is_file() {
-                return Err(Error::invalid("--kernel/--rootfs", format!("{} is not a file", p.display())));
-            }
-        }
-        Ok(())
+        guest::check_spec(spec)
     }
 
     fn create(&self, _env: &Env, _inst: &Instance) -> Result<()> {
@@ -129,25 +84,25 @@ impl Driver for MicrovmDriver {
             // The supervisor reaps it with waitpid; the Child handle is not needed.
             Ok(child) => Ok(Launched { pid: child.id() as i32, attachment, follow: None, keep: None }),
             Err(e) => {
-                let _ = self.detach(env, inst);
+                let _ = detach_network(env, inst);
                 Err(io(format!("starting {} vm run", env.helper.display()))(e))
             }
         }
     }
 
     fn release(&self, env: &Env, inst: &Instance) -> Result<()> {
-        if let Some(m) = monitor(inst) {
+        if let Some(m) = inst.main_process() {
             // Only the monitor this instance started (pid and start time recorded as running).
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(m.pid), Signal::SIGKILL);
             wait_until(Duration::from_secs(10), || !m.alive());
         }
-        self.detach(env, inst)?;
+        detach_network(env, inst).map(drop)?;
         let _ = std::fs::remove_file(vsock_path(env, &inst.id));
         Ok(())
     }
 
     fn stop(&self, _env: &Env, inst: &Instance, timeout: Duration) -> Result<()> {
-        let Some(m) = monitor(inst) else { return Ok(()) };
+        let Some(m) = inst.main_process() else { return Ok(()) };
         let pid = nix::unistd::Pid::from_raw(m.pid);
         // The monitor stops the guest cleanly on SIGTERM.
         if !timeout.is_zero() {
@@ -165,15 +120,15 @@ impl Driver for MicrovmDriver {
     }
 
     fn kill(&self, _env: &Env, inst: &Instance, s: Signal) -> Result<()> {
-        signal(inst, s)
+        guest::signal(inst, s)
     }
 
     fn pause(&self, _env: &Env, inst: &Instance) -> Result<()> {
-        signal(inst, Signal::SIGSTOP)
+        guest::signal(inst, Signal::SIGSTOP)
     }
 
     fn resume(&self, _env: &Env, inst: &Instance) -> Result<()> {
-        signal(inst, Signal::SIGCONT)
+        guest::signal(inst, Signal::SIGCONT)
     }
 
     fn remove(&self, env: &Env, inst: &Instance) -> Result<()> {
@@ -182,11 +137,11 @@ impl Driver for MicrovmDriver {
     }
 
     fn state(&self, _env: &Env, inst: &Instance) -> Result<Option<Status>> {
-        Ok(monitor(inst).map(|_| inst.status))
+        Ok(inst.main_process().map(|_| inst.status))
     }
 
     fn exec(&self, env: &Env, inst: &Instance, req: &ExecRequest) -> Result<i32> {
-        monitor(inst).ok_or_else(|| not_running(inst))?;
+        guest::main_process(inst)?;
         if req.tty || req.workdir.is_some() {
             return Err(Error::invalid("exec", "--tty and --workdir are not supported for microVMs"));
         }
@@ -214,7 +169,7 @@ impl Driver for MicrovmDriver {
     }
 
     fn stats(&self, _env: &Env, inst: &Instance) -> Result<Stats> {
-        let m = monitor(inst).ok_or_else(|| not_running(inst))?;
+        let m = guest::main_process(inst)?;
         crate::driver::process_stats(m.pid, inst.spec.memory)
     }
 }

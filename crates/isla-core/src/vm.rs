@@ -15,11 +15,10 @@ use std::time::Duration;
 use isla_container::Signal;
 use isla_qemu::{DiskConfig, KernelBoot, NicConfig, QemuConfig, Vm};
 
-use crate::driver::{process_stats, wait_until, Driver, Env, ExecRequest, Launched, Stats, Stdio};
+use crate::driver::{detach_network, process_stats, wait_until, Driver, Env, ExecRequest, Launched, Stats, Stdio};
 use crate::error::{io, Error, Result};
-use crate::microvm::KIT_IMAGE;
+use crate::guest::{self, KIT_IMAGE};
 use crate::model::{Instance, InstanceSpec, Kind, Status};
-use crate::proc::Owner;
 
 /// Runs instances as full VMs.
 pub struct VmDriver;
@@ -44,14 +43,6 @@ fn kit(env: &Env) -> Result<(PathBuf, PathBuf)> {
             format!("no guest kit: {} (build it with `isla guest build`)", String::from_utf8_lossy(&out.stderr).trim()),
         )),
     }
-}
-
-fn monitor(inst: &Instance) -> Option<Owner> {
-    inst.main_process()
-}
-
-fn not_running(inst: &Instance) -> Error {
-    Error::State { name: inst.spec.name.clone(), status: inst.status.to_string(), msg: "QEMU is not running".into() }
 }
 
 fn open(env: &Env, inst: &Instance) -> Result<Vm> {
@@ -92,14 +83,6 @@ impl VmDriver {
         cfg.validate().map_err(qemu)?;
         Ok(cfg)
     }
-
-    fn detach(&self, env: &Env, inst: &Instance) -> Result<()> {
-        let Some(net) = inst.spec.network_name() else { return Ok(()) };
-        match env.networks()?.detach(net, &inst.id) {
-            Ok(()) | Err(isla_net::Error::NotAttached { .. } | isla_net::Error::NoSuchNetwork(_)) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
-    }
 }
 
 impl Driver for VmDriver {
@@ -108,19 +91,7 @@ impl Driver for VmDriver {
     }
 
     fn check(&self, env: &Env, spec: &InstanceSpec) -> Result<()> {
-        if let Some(img) = spec.image.as_deref().filter(|i| *i != KIT_IMAGE) {
-            return Err(Error::Unsupported(format!(
-                "vm instances of container images (`{img}`) are not supported yet; use `{KIT_IMAGE}` with or without --kernel/--rootfs, and"
-            )));
-        }
-        if !spec.volumes.is_empty() {
-            return Err(Error::invalid("-v", "full VMs take no volumes (use --rootfs for a disk)"));
-        }
-        for p in spec.kernel.iter().chain(&spec.rootfs) {
-            if !p.is_file() {
-                return Err(Error::invalid("--kernel/--rootfs", format!("{} is not a file", p.display())));
-            }
-        }
+        guest::check_spec(spec)?;
         self.config(env, spec, None, None).map(|_| ())
     }
 
@@ -164,22 +135,22 @@ impl Driver for VmDriver {
                 keep: Some(Box::new(vm)),
             }),
             Err(e) => {
-                let _ = self.detach(env, inst);
+                let _ = detach_network(env, inst);
                 Err(e)
             }
         }
     }
 
     fn release(&self, env: &Env, inst: &Instance) -> Result<()> {
-        if let Some(m) = monitor(inst) {
+        if let Some(m) = inst.main_process() {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(m.pid), Signal::SIGKILL);
             wait_until(Duration::from_secs(10), || !m.alive());
         }
-        self.detach(env, inst)
+        detach_network(env, inst).map(drop)
     }
 
     fn stop(&self, env: &Env, inst: &Instance, timeout: Duration) -> Result<()> {
-        let Some(m) = monitor(inst) else { return Ok(()) };
+        let Some(m) = inst.main_process() else { return Ok(()) };
         if timeout.is_zero() {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(m.pid), Signal::SIGKILL);
         } else {
@@ -194,7 +165,7 @@ impl Driver for VmDriver {
     }
 
     fn kill(&self, _env: &Env, inst: &Instance, s: Signal) -> Result<()> {
-        let m = monitor(inst).ok_or_else(|| not_running(inst))?;
+        let m = guest::main_process(inst)?;
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(m.pid), s)
             .map_err(crate::error::sys(format!("signalling {}", inst.spec.name)))
     }
@@ -213,7 +184,7 @@ impl Driver for VmDriver {
     }
 
     fn state(&self, _env: &Env, inst: &Instance) -> Result<Option<Status>> {
-        Ok(monitor(inst).map(|_| inst.status))
+        Ok(inst.main_process().map(|_| inst.status))
     }
 
     fn exec(&self, _env: &Env, inst: &Instance, _req: &ExecRequest) -> Result<i32> {
@@ -225,7 +196,7 @@ impl Driver for VmDriver {
     }
 
     fn stats(&self, _env: &Env, inst: &Instance) -> Result<Stats> {
-        let m = monitor(inst).ok_or_else(|| not_running(inst))?;
+        let m = guest::main_process(inst)?;
         process_stats(m.pid, inst.spec.memory)
     }
 }
