@@ -6,6 +6,7 @@ mod buildrun;
 mod disk;
 mod image;
 mod kit;
+mod lifecycle;
 mod network;
 mod peer;
 mod qemu;
@@ -50,6 +51,8 @@ enum Cmd {
     Network(network::NetworkArgs),
     /// Full VMs driven through QEMU: disks, ISO, VNC, snapshots, linked clones.
     Qemu(qemu::QemuArgs),
+    #[command(flatten)]
+    Lifecycle(Box<lifecycle::LifecycleCmd>),
 }
 
 #[derive(Subcommand)]
@@ -242,6 +245,7 @@ fn main() -> ExitCode {
         Cmd::Build(a) => image::build(a).map(|()| 0),
         Cmd::Network(a) => network::run(a).map(|()| 0),
         Cmd::Qemu(a) => qemu::run(a),
+        Cmd::Lifecycle(c) => lifecycle::run(c),
     };
     match result {
         Ok(code) => ExitCode::from(code as u8),

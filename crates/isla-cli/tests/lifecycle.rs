@@ -1,0 +1,398 @@
+//! `isla create|run|start|stop|...` end to end, as root, with real containers (the built-in
+//! busybox image). Every test has its own state root and its own network namespace, which the
+//! isla binary joins with `nsenter --net` (its mount namespace stays the machine's, so the
+//! overlay mounts of one command are seen by the next, as in real use); bridges, veths and
+//! nftables rules live and die with that namespace, and no test traffic leaves it.
+
+mod common;
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A state root and a network namespace; everything is removed on drop, also after a failure.
+struct Lab {
+    ns: String,
+    root: PathBuf,
+}
+
+impl Lab {
+    fn new(tag: &str) -> Lab {
+        let ns = format!("islalc{tag}{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &ns]).stderr(std::process::Stdio::null()).status();
+        assert!(Command::new("ip").args(["netns", "add", &ns]).status().unwrap().success());
+        assert!(Command::new("ip").args(["-n", &ns, "link", "set", "lo", "up"]).status().unwrap().success());
+        let root = common::tmp(&format!("lifecycle-{tag}"));
+        let _ = std::fs::remove_dir_all(&root);
+        Lab { ns, root }
+    }
+
+    fn cmd(&self, args: &[&str], env: &[(&str, &str)]) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.ns)).arg(env!("CARGO_BIN_EXE_isla"));
+        c.arg(args[0]).arg("--root").arg(&self.root).args(&args[1..]);
+        c.envs(env.iter().copied());
+        c
+    }
+
+    fn isla(&self, args: &[&str]) -> Output {
+        self.cmd(args, &[]).output().unwrap()
+    }
+
+    /// Runs isla and expects success: its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.isla(args);
+        assert!(o.status.success(), "isla {args:?}: {:?}\n{}", o.status, common::stderr(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Runs isla and expects failure: its stderr.
+    fn fails(&self, args: &[&str]) -> String {
+        let o = self.isla(args);
+        assert!(!o.status.success(), "isla {args:?} succeeded: {}", String::from_utf8_lossy(&o.stdout));
+        common::stderr(&o)
+    }
+
+    /// A command in the namespace (the "host" of the test).
+    fn sh(&self, cmd: &str) -> Output {
+        let ns = format!("--net=/run/netns/{}", self.ns);
+        Command::new("nsenter").args([ns.as_str(), "sh", "-c", cmd]).output().unwrap()
+    }
+
+    fn status(&self, name: &str) -> serde_json::Value {
+        let v: serde_json::Value = serde_json::from_str(&self.ok(&["inspect", name])).unwrap();
+        v[0]["status"].clone()
+    }
+
+    fn ps_names(&self) -> Vec<String> {
+        let v: serde_json::Value = serde_json::from_str(&self.ok(&["ps", "-a", "--output", "json"])).unwrap();
+        v.as_array().unwrap().iter().map(|i| i["spec"]["name"].as_str().unwrap().to_string()).collect()
+    }
+
+    /// Links, cgroups, rules and mounts that instances of this lab hold.
+    fn leftovers(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let links = String::from_utf8_lossy(&self.sh("ip -o link").stdout).into_owned();
+        out.extend(links.lines().filter(|l| l.contains("isla-v") || l.contains("isla-t")).map(|l| format!("link {l}")));
+        let rules = String::from_utf8_lossy(&self.sh("nft list ruleset").stdout).into_owned();
+        out.extend(rules.lines().filter(|l| l.contains("dnat to")).map(|l| format!("rule {}", l.trim())));
+        let root = self.root.canonicalize().unwrap_or(self.root.clone());
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        out.extend(
+            mounts
+                .lines()
+                .filter_map(|l| l.split(' ').nth(4))
+                .filter(|m| Path::new(m).starts_with(&root))
+                .map(|m| format!("mount {m}")),
+        );
+        for id in self.ids() {
+            for hier in ["pids", "memory", "cpu", "freezer"] {
+                let p = Path::new("/sys/fs/cgroup").join(hier).join("isla").join(&id);
+                if p.exists() {
+                    out.push(format!("cgroup {}", p.display()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Ids this lab's root ever gave out (instance and runtime directories, rootfs directories).
+    fn ids(&self) -> Vec<String> {
+        let mut ids = Vec::new();
+        for d in ["instances", "runtime", "images/containers"] {
+            if let Ok(rd) = std::fs::read_dir(self.root.join(d)) {
+                ids.extend(rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()));
+            }
+        }
+        ids
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if let Ok(o) = self.cmd(&["ps", "-aq"], &[]).output() {
+            for id in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                let _ = self.cmd(&["rm", "-f", id], &[]).output();
+            }
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+        let root = self.root.canonicalize().unwrap_or(self.root.clone());
+        if let Ok(m) = std::fs::read_to_string("/proc/self/mountinfo") {
+            let mut points: Vec<&str> =
+                m.lines().filter_map(|l| l.split(' ').nth(4)).filter(|p| Path::new(p).starts_with(&root)).collect();
+            points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+            for p in points {
+                let _ = Command::new("umount").args(["-l", p]).status();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+#[test]
+fn run_passes_output_and_exit_codes_through() {
+    let lab = Lab::new("run");
+    let o = lab.isla(&["run", "busybox", "echo", "hi"]);
+    assert_eq!(
+        (o.status.code(), String::from_utf8_lossy(&o.stdout).as_ref()),
+        (Some(0), "hi\n"),
+        "{}",
+        common::stderr(&o)
+    );
+    let o = lab.isla(&["run", "--name", "seven", "busybox", "sh", "-c", "echo out; echo err >&2; exit 7"]);
+    assert_eq!(o.status.code(), Some(7), "{}", common::stderr(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "out\n");
+    assert_eq!(common::stderr(&o), "err\n");
+    assert_eq!(lab.status("seven"), serde_json::json!({"state": "exited", "exit_code": 7}));
+    let logs = lab.isla(&["logs", "seven"]);
+    assert_eq!((String::from_utf8_lossy(&logs.stdout).as_ref(), common::stderr(&logs).as_str()), ("out\n", "err\n"));
+    // Environment, working directory, hostname and limits reach the process.
+    let out = lab.ok(&[
+        "run",
+        "--rm",
+        "--name",
+        "envy",
+        "-e",
+        "GREETING=hola",
+        "-w",
+        "/tmp",
+        "--memory",
+        "64m",
+        "--cpus",
+        "0.5",
+        "--network",
+        "none",
+        "busybox",
+        "sh",
+        "-c",
+        "echo $GREETING $(pwd) $(hostname)",
+    ]);
+    assert_eq!(out, "hola /tmp envy\n");
+    // --rm removed it.
+    let names = lab.ps_names();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(names[0].starts_with("i-") && names[1] == "seven", "{names:?}");
+    // A process killed by a signal reports 128+N; `isla kill` counts as a user stop.
+    lab.ok(&["run", "-d", "--name", "victim", "busybox", "sleep", "1000"]);
+    lab.ok(&["kill", "victim"]);
+    let v: serde_json::Value = serde_json::from_str(&lab.ok(&["inspect", "victim"])).unwrap();
+    assert_eq!((v[0]["status"]["state"].as_str(), v[0]["exit_code"].as_i64()), (Some("stopped"), Some(137)));
+    // on-failure:2 runs it three times, then leaves it exited with its code.
+    lab.ok(&["run", "-d", "--name", "flaky", "--restart", "on-failure:2", "busybox", "sh", "-c", "echo try; exit 3"]);
+    let mut v = serde_json::Value::Null;
+    for _ in 0..200 {
+        v = serde_json::from_str::<serde_json::Value>(&lab.ok(&["inspect", "flaky"])).unwrap()[0].clone();
+        if v["supervisor_pid"].is_null() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!((v["status"]["exit_code"].as_i64(), v["restart_count"].as_u64()), (Some(3), Some(2)), "{v}");
+    assert_eq!(lab.ok(&["logs", "flaky"]), "try\ntry\ntry\n");
+    assert!(lab.leftovers().is_empty(), "{:?}", lab.leftovers());
+}
+
+#[test]
+fn detached_logs_exec_stop_start_keep_volumes() {
+    let lab = Lab::new("vol");
+    let host = lab.root.join("host-data");
+    let host_s = host.to_str().unwrap().to_string();
+    let vol = format!("{host_s}:/data");
+    let id =
+        lab.ok(&["run", "-d", "--name", "keeper", "-v", &vol, "busybox", "sh", "-c", "echo started; exec sleep 1000"]);
+    assert_eq!(id.trim().len(), 32, "{id}");
+    assert!(host.is_dir(), "the host directory of -v is made");
+    assert_eq!(lab.status("keeper")["state"], "running");
+    assert_eq!(
+        lab.ok(&["exec", "keeper", "sh", "-c", "echo kept > /data/f; echo upper > /etc/mine; hostname"]),
+        "keeper\n"
+    );
+    let code = lab.isla(&["exec", "keeper", "sh", "-c", "exit 4"]).status.code();
+    assert_eq!(code, Some(4));
+    assert!(lab.ok(&["logs", "keeper"]).contains("started"));
+    let ps = lab.ok(&["ps"]);
+    assert!(ps.contains("keeper") && ps.contains("running"), "{ps}");
+    let stats: serde_json::Value = serde_json::from_str(&lab.ok(&["stats", "--output", "json", "keeper"])).unwrap();
+    assert!(stats[0]["pids"].as_u64().unwrap() >= 1, "{stats}");
+    let err = lab.fails(&["start", "keeper"]);
+    assert!(err.contains("it is running already"), "{err}");
+    // `logs -f` follows until the instance ends.
+    let follower = lab.cmd(&["logs", "-f", "keeper"], &[]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    lab.ok(&["pause", "keeper"]);
+    assert_eq!(lab.status("keeper")["state"], "paused");
+    lab.ok(&["resume", "keeper"]);
+    // sleep ignores nothing: SIGTERM ends it within the timeout.
+    lab.ok(&["stop", "-t", "5", "keeper"]);
+    assert_eq!(lab.status("keeper")["state"], "stopped");
+    let followed = follower.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&followed.stdout), "started\n");
+    assert!(!lab.ok(&["ps"]).contains("keeper"));
+    assert!(lab.leftovers().is_empty(), "a stopped instance holds nothing: {:?}", lab.leftovers());
+    lab.ok(&["start", "keeper"]);
+    assert_eq!(lab.ok(&["exec", "keeper", "cat", "/data/f", "/etc/mine"]), "kept\nupper\n");
+    assert_eq!(std::fs::read_to_string(host.join("f")).unwrap(), "kept\n");
+    assert_eq!(lab.ok(&["logs", "keeper"]).matches("started").count(), 2);
+    let err = lab.fails(&["rm", "keeper"]);
+    assert!(err.contains("stop it first, or remove it with --force"), "{err}");
+    lab.ok(&["restart", "-t", "1", "keeper"]);
+    assert_eq!(lab.status("keeper")["state"], "running");
+    lab.ok(&["rm", "-f", "keeper"]);
+    assert!(lab.ps_names().is_empty());
+    assert_eq!(std::fs::read_to_string(host.join("f")).unwrap(), "kept\n", "rm keeps the host directory");
+    assert!(lab.leftovers().is_empty(), "{:?}", lab.leftovers());
+    assert!(lab.ids().is_empty(), "{:?}", lab.ids());
+}
+
+#[test]
+fn containers_reach_each_other_by_name_and_published_ports_serve_the_host() {
+    let lab = Lab::new("net");
+    let www = lab.root.join("host-www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("index.html"), "<h1>isla web</h1>\n").unwrap();
+    let vol = format!("{}:/www:ro", www.display());
+    lab.ok(&[
+        "run", "-d", "--name", "web", "-p", "8080:80", "-v", &vol, "busybox", "httpd", "-f", "-p", "80", "-h", "/www",
+    ]);
+    lab.ok(&["run", "-d", "--name", "client", "busybox", "sleep", "1000"]);
+    // By name both ways: web was started first and still learns client's name.
+    let page = lab.ok(&["exec", "client", "wget", "-q", "-O", "-", "http://web/index.html"]);
+    assert_eq!(page, "<h1>isla web</h1>\n");
+    assert!(lab.ok(&["exec", "web", "ping", "-c", "1", "-W", "2", "client"]).contains("1 packets received"));
+    // The "host" (the test's namespace) through 127.0.0.1 and through the gateway address.
+    for url in ["http://127.0.0.1:8080/index.html", "http://10.88.0.1:8080/index.html"] {
+        let o = lab.sh(&format!("busybox wget -q -O - {url}"));
+        assert_eq!(String::from_utf8_lossy(&o.stdout), "<h1>isla web</h1>\n", "{url}: {}", common::stderr(&o));
+    }
+    let inspect: serde_json::Value = serde_json::from_str(&lab.ok(&["inspect", "web"])).unwrap();
+    assert_eq!(inspect[0]["attachment"]["hostname"], "web");
+    assert!(lab.ok(&["ps"]).contains("0.0.0.0:8080->80/tcp"));
+    // The port is busy while web holds it: a second publisher fails and leaves nothing.
+    let err = lab.fails(&["run", "-d", "--name", "web2", "-p", "8080:80", "busybox", "httpd", "-f", "-p", "80"]);
+    assert!(err.contains("8080") && err.contains("in use"), "{err}");
+    assert_eq!(lab.ps_names(), ["web", "client"]);
+    lab.ok(&["rm", "-f", "web", "client"]);
+    assert!(lab.leftovers().is_empty(), "{:?}", lab.leftovers());
+}
+
+#[test]
+fn bad_input_gives_clear_errors_and_leaves_nothing() {
+    let lab = Lab::new("bad");
+    lab.ok(&["create", "--name", "one", "busybox", "true"]);
+    let err = lab.fails(&["create", "--name", "one", "busybox", "true"]);
+    assert!(err.contains("name `one` is already in use"), "{err}");
+    let err = lab.fails(&["run", "--name", "two", "nosuchimage:1", "true"]);
+    assert!(err.contains("no image `nosuchimage:1`"), "{err}");
+    for (args, want) in [
+        (&["run", "-v", "data:/data", "busybox", "true"][..], "named volumes are not supported"),
+        (&["run", "--memory", "lots", "busybox", "true"], "--memory"),
+        (&["run", "-p", "80", "busybox", "true"], "port `80`"),
+        (&["run", "--restart", "sometimes", "busybox", "true"], "--restart"),
+        (&["run", "--name", "bad name", "busybox", "true"], "--name"),
+        (&["run", "--kind", "vm", "busybox", "true"], "vm instances of container images"),
+        (&["run", "--network", "nosuchnet", "busybox", "true"], "no network named `nosuchnet`"),
+    ] {
+        let err = lab.fails(args);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    let err = lab.fails(&["start", "nosuch"]);
+    assert!(err.contains("no instance named `nosuch`"), "{err}");
+    let err = lab.fails(&["exec", "one", "true"]);
+    assert!(err.contains("exec needs a running instance"), "{err}");
+    assert_eq!(lab.ps_names(), ["one"]);
+    assert_eq!(lab.ids().len(), 2, "one instance directory and one rootfs: {:?}", lab.ids());
+    lab.ok(&["rm", "one"]);
+    assert!(lab.ids().is_empty() && lab.leftovers().is_empty(), "{:?} {:?}", lab.ids(), lab.leftovers());
+}
+
+/// SIGKILL at each step of create, start and rm (the `ISLA_CORE_CRASH_AT` hook), then any
+/// command (it opens the manager, which repairs): the store is consistent and nothing leaks.
+#[test]
+fn sigkill_mid_operation_is_repaired_by_the_next_command() {
+    let lab = Lab::new("crash");
+    for point in ["create:recorded", "create:prepared"] {
+        let o = lab
+            .cmd(&["create", "--name", "half", "-p", "8081:80", "busybox", "true"], &[("ISLA_CORE_CRASH_AT", point)])
+            .output()
+            .unwrap();
+        assert_eq!(o.status.signal(), Some(9), "{point}: {o:?}");
+        assert!(lab.ps_names().is_empty(), "{point}: the half-created instance is rolled back");
+        assert!(lab.ids().is_empty(), "{point}: {:?}", lab.ids());
+        lab.ok(&["create", "--name", "half", "busybox", "true"]);
+        lab.ok(&["rm", "half"]);
+    }
+    // The supervisor dies after plugging the veth and publishing nothing yet: the next command
+    // releases the link, cgroup, runtime state and mount, and marks the instance dead.
+    lab.ok(&["create", "--name", "sup", "-p", "8082:80", "busybox", "httpd", "-f", "-p", "80"]);
+    let o = lab.cmd(&["start", "sup"], &[("ISLA_CORE_CRASH_AT", "start:attached")]).output().unwrap();
+    assert!(common::stderr(&o).contains("supervisor ended"), "{}", common::stderr(&o));
+    assert_eq!(lab.status("sup")["state"], "dead");
+    assert!(lab.leftovers().is_empty(), "{:?}", lab.leftovers());
+    lab.ok(&["start", "sup"]);
+    let o = lab.sh("busybox wget -q -O - http://127.0.0.1:8082/ 2>&1; true");
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("refused"), "{o:?}");
+    for point in ["remove:marked", "remove:released"] {
+        lab.ok(&["create", "--name", "gone", "busybox", "true"]);
+        let o = lab.cmd(&["rm", "gone"], &[("ISLA_CORE_CRASH_AT", point)]).output().unwrap();
+        assert_eq!(o.status.signal(), Some(9), "{point}");
+        assert_eq!(lab.ps_names(), ["sup"], "{point}: the removal was finished");
+    }
+    lab.ok(&["rm", "-f", "sup"]);
+    assert!(lab.ids().is_empty() && lab.leftovers().is_empty(), "{:?} {:?}", lab.ids(), lab.leftovers());
+}
+
+/// A microVM instance of the guest kit: a TAP on the network while it runs, SIGTERM stops it,
+/// an attached start boots it to the kit's power-off (exit 0) with the console in the log.
+#[test]
+fn microvm_instances_boot_the_guest_kit() {
+    if common::kvm_and_kit().is_none() {
+        return;
+    }
+    let lab = Lab::new("vm");
+    lab.ok(&["run", "-d", "--kind", "microvm", "--name", "vm1", "--memory", "128m", "kit"]);
+    let links = String::from_utf8_lossy(&lab.sh("ip -o link").stdout).into_owned();
+    assert!(links.contains("isla-t"), "a TAP for the running microVM: {links}");
+    let ps = lab.ok(&["ps"]);
+    assert!(ps.contains("vm1") && ps.contains("microvm"), "{ps}");
+    lab.ok(&["stop", "-t", "10", "vm1"]);
+    assert_eq!(lab.status("vm1")["state"], "stopped");
+    assert!(lab.leftovers().is_empty(), "{:?}", lab.leftovers());
+    let o = lab.isla(&["start", "-a", "vm1"]);
+    assert_eq!(o.status.code(), Some(0), "{}", common::stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("isla-init: cpus=1"), "{}", String::from_utf8_lossy(&o.stdout));
+    assert_eq!(lab.status("vm1"), serde_json::json!({"state": "exited", "exit_code": 0}));
+    assert!(lab.ok(&["logs", "vm1"]).contains("isla-init: powering off"));
+    let err = lab.fails(&["run", "--kind", "microvm", "busybox"]);
+    assert!(err.contains("not supported yet"), "{err}");
+    lab.ok(&["rm", "vm1"]);
+    assert!(lab.ids().is_empty() && lab.leftovers().is_empty(), "{:?} {:?}", lab.ids(), lab.leftovers());
+}
+
+/// A full VM (QEMU; TCG here, KVM on hardware virtualization) of the guest kit: the attached
+/// run boots to power-off with the serial console in the output and the log; a detached one
+/// with a shell stays up, pauses and resumes through QMP, has a TAP, and stops.
+#[test]
+fn vm_instances_run_the_guest_kit_under_qemu() {
+    if common::kvm_and_kit().is_none() {
+        return;
+    }
+    let lab = Lab::new("qemu");
+    let o = lab.isla(&["run", "--kind", "vm", "--name", "q1", "kit"]);
+    assert_eq!(o.status.code(), Some(0), "{}", common::stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("isla-init: cpus=1"), "{}", String::from_utf8_lossy(&o.stdout));
+    assert!(lab.ok(&["logs", "q1"]).contains("isla-init: powering off"));
+    assert_eq!(lab.status("q1"), serde_json::json!({"state": "exited", "exit_code": 0}));
+    // isla.shell=1: the kit's init waits on the serial console, so the VM stays up.
+    lab.ok(&["run", "-d", "--kind", "vm", "--name", "q2", "--memory", "256m", "kit", "isla.shell=1"]);
+    assert!(String::from_utf8_lossy(&lab.sh("ip -o link").stdout).contains("isla-t"));
+    lab.ok(&["pause", "q2"]);
+    assert_eq!(lab.status("q2")["state"], "paused");
+    lab.ok(&["resume", "q2"]);
+    let stats: serde_json::Value = serde_json::from_str(&lab.ok(&["stats", "--output", "json", "q2"])).unwrap();
+    assert!(stats[0]["memory"].as_u64().unwrap() > 0, "{stats}");
+    let err = lab.fails(&["exec", "q2", "true"]);
+    assert!(err.contains("needs a guest agent"), "{err}");
+    lab.ok(&["stop", "-t", "2", "q2"]);
+    assert_eq!(lab.status("q2")["state"], "stopped");
+    lab.ok(&["rm", "q1", "q2"]);
+    assert!(lab.ids().is_empty() && lab.leftovers().is_empty(), "{:?} {:?}", lab.ids(), lab.leftovers());
+}
