@@ -5,6 +5,7 @@ mod bench;
 mod disk;
 mod image;
 mod kit;
+mod lab;
 mod network;
 mod peer;
 mod qemu;
@@ -49,6 +50,8 @@ enum Cmd {
     Network(network::NetworkArgs),
     /// Full VMs driven through QEMU: disks, ISO, VNC, snapshots, linked clones.
     Qemu(qemu::QemuArgs),
+    /// The comparison lab: VMs, containers and microVMs measured side by side, with a report.
+    Lab(Box<lab::LabArgs>),
 }
 
 #[derive(Subcommand)]
@@ -233,6 +236,7 @@ fn main() -> ExitCode {
         Cmd::Build(a) => image::build(a).map(|()| 0),
         Cmd::Network(a) => network::run(a).map(|()| 0),
         Cmd::Qemu(a) => qemu::run(a),
+        Cmd::Lab(a) => lab::run(a).map(|()| 0),
     };
     match result {
         Ok(code) => ExitCode::from(code as u8),

@@ -251,6 +251,15 @@ fn guest_work_setup(env: &Env, dir: &Path, tag: &str) -> Result<GuestNet> {
     Ok(GuestNet { ns, tap, scratch })
 }
 
+/// Guest RAM in MiB: `idle` for start and density runs; 512 for the workload run (fio's shared
+/// libraries alone are about 80 MB, and the guest page cache needs room beside them).
+fn guest_mib(mode: Mode, idle: u64) -> u64 {
+    match mode {
+        Mode::Probe => idle,
+        Mode::Work => 512,
+    }
+}
+
 /// "64M" -> bytes.
 pub fn parse_size(s: &str) -> Option<u64> {
     let (n, mult) = match s.chars().last()? {
@@ -318,7 +327,9 @@ impl Launcher {
         let mut create = Command::new(bin);
         create.args(&global).arg("create").arg("--bundle").arg(&dir).arg("--pid-file").arg(&pid_file).arg(&id);
         // The container's process inherits the runtime's stdout: the log.
-        create.stdout(file(&log)?).stderr(Stdio::piped()).stdin(Stdio::null());
+        let out = file(&log)?;
+        let err = out.try_clone().map_err(|e| Error::io(&log, e))?;
+        create.stdout(out).stderr(err).stdin(Stdio::null());
         let mut stop = Command::new(bin);
         stop.args(&global).args(["delete", "--force", &id]);
         let mut inst = Instance {
@@ -334,9 +345,11 @@ impl Launcher {
             remove: vec![dir.clone()],
             _netns: None,
         };
-        let out = create.output().map_err(|e| Error::Spawn(format!("{}", bin.display()), e))?;
-        if !out.status.success() {
-            return Err(Error::Command(format!("{} create", bin.display()), String::from_utf8_lossy(&out.stderr).trim().into()));
+        // Not `output()`: the container keeps the runtime's stdout and stderr open.
+        let status = create.status().map_err(|e| Error::Spawn(format!("{}", bin.display()), e))?;
+        if !status.success() {
+            let log_text = std::fs::read_to_string(&inst.log).unwrap_or_default();
+            return Err(Error::Command(format!("{} create ({status})", bin.display()), host::tail(&log_text, 3)));
         }
         let created = spawned.elapsed();
         inst.phases.push(("create".into(), created.as_secs_f64() * 1000.0));
@@ -349,7 +362,15 @@ impl Launcher {
             .parse()
             .map_err(|_| Error::Setup(format!("{}: not a pid", pid_file.display())))?;
         inst.pids = vec![pid];
-        inst.netns = Some(PathBuf::from(format!("/proc/{pid}/ns/net")));
+        let netns = PathBuf::from(format!("/proc/{pid}/ns/net"));
+        if mode == Mode::Work {
+            // The container has no CAP_NET_ADMIN: its loopback is brought up from outside, as a
+            // container network plugin does.
+            let mut up = Command::new("nsenter");
+            up.arg(format!("--net={}", netns.display())).args(["ip", "link", "set", "lo", "up"]);
+            run_ok(&mut up, limit)?;
+        }
+        inst.netns = Some(netns);
         Ok(inst)
     }
 
@@ -374,7 +395,7 @@ impl Launcher {
                 let mut cfg = serde_json::json!({
                     "boot-source": {"kernel_image_path": g.microvm_kernel, "initrd_path": g.initramfs, "boot_args": cmdline},
                     "drives": drives,
-                    "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
+                    "machine-config": {"vcpu_count": 1, "mem_size_mib": guest_mib(mode, 128)},
                 });
                 if let Some(w) = &work {
                     cfg["network-interfaces"] = serde_json::json!([{"iface_id": "eth0", "guest_mac": "06:00:0a:d5:00:02", "host_dev_name": w.tap}]);
@@ -384,7 +405,7 @@ impl Launcher {
                 cmd.arg("--no-api").arg("--config-file").arg(&path);
             }
             _ => {
-                cmd.args(["vm", "run", "--quiet", "--cpus", "1", "--memory", "128M"])
+                cmd.args(["vm", "run", "--quiet", "--cpus", "1", "--memory", &format!("{}M", guest_mib(mode, 128))])
                     .arg("--kernel")
                     .arg(&g.microvm_kernel)
                     .arg("--initrd")
@@ -435,7 +456,7 @@ impl Launcher {
                 let mut cmd = in_netns(ns, bin);
                 let accel = isla_qemu::Accel::Auto.resolve().0;
                 cmd.args(["-M", "q35", "-accel", &accel.to_string(), "-cpu", accel.default_cpu_model(isla_qemu::Machine::Q35)])
-                    .args(["-m", "256", "-smp", "1"])
+                    .args(["-m", &guest_mib(mode, 256).to_string(), "-smp", "1"])
                     .args(["-display", "none", "-monitor", "none", "-no-reboot", "-nodefaults"])
                     .arg("-kernel")
                     .arg(&g.vm_kernel)
@@ -471,7 +492,13 @@ impl Launcher {
                 let root = dir.join("root");
                 let name = format!("lab-{tag}");
                 let mut cfg = isla_qemu::QemuConfig::new(name.clone());
-                cfg.memory_mib = 256;
+                cfg.memory_mib = guest_mib(mode, 256) as u32;
+                if work.is_some() {
+                    // The kit kernel drives virtio over MMIO only (no virtio-pci, AHCI or e1000
+                    // driver): q35 would give it no disk and no NIC. The workload run uses QEMU's
+                    // microvm machine, where the same devices sit on virtio-mmio.
+                    cfg.machine = isla_qemu::Machine::Microvm;
+                }
                 cfg.kernel = Some(isla_qemu::KernelBoot {
                     kernel: g.vm_kernel.clone(),
                     initrd: Some(g.initramfs.clone()),

@@ -87,8 +87,11 @@ fn workload_table(r: &Results) -> Table {
                 let f = r.isla(kind).and_then(|s| s.figure(k));
                 let mut c = cell(f);
                 if let (Some(v), Some(h)) = (f.and_then(Figure::median), base.and_then(Figure::median)) {
-                    if h > 0.0 {
+                    let higher = f.is_some_and(|f| f.higher_is_better);
+                    if h > 0.0 && higher {
                         c.push_str(&format!(" [{:.0}% of host]", v / h * 100.0));
+                    } else if h > 0.0 {
+                        c.push_str(&format!(" [{}x host]", num(v / h)));
                     }
                 }
                 row.push(c);

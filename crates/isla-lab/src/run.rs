@@ -546,6 +546,14 @@ fn workload(l: &Launcher, env: &Env, progress: &dyn Progress) -> Vec<Figure> {
                 let out = script::parse(&log);
                 let (net, http) = clients(inst.netns.as_deref(), &inst.addr, env.seconds);
                 let mut figs = workload_figures(Some(&out), &net, &http, "");
+                if l == &Launcher::IslaVm {
+                    let note = "run on QEMU's microvm machine (virtio-mmio): the kit kernel has no driver for q35's \
+                                virtio-pci, AHCI or e1000 devices";
+                    figs = figs.into_iter().map(|f| f.with_note(note)).collect();
+                }
+                if l.kind() != Kind::Container {
+                    figs = figs.into_iter().map(|f| f.with_note("guest: 1 vCPU, 512 MiB")).collect();
+                }
                 if attempt > 1 {
                     figs = figs.into_iter().map(|f| f.with_note(format!("the first workload run failed and was retried: {last_err}"))).collect();
                 }
