@@ -71,7 +71,8 @@ pub fn run(a: &LabArgs) -> Result<()> {
     // every runtime it starts, isla's too) a private mount namespace without the unified
     // hierarchy. This must happen while the process has one thread, before the progress bar.
     let hybrid = a.kinds.contains(&Kind::Container)
-        && isla_container::testutil::hide_unified_hierarchy().context("private mount namespace for the container runs")?;
+        && isla_container::testutil::hide_unified_hierarchy()
+            .context("private mount namespace for the container runs")?;
     let kit = Kit::find().map_err(|e| format!("{e:#}")).map(|k| KitPaths {
         microvm_kernel: k.kernel(Flavour::Auto, false).clone(),
         vm_kernel: k.kernel(Flavour::Standard, true).clone(),
@@ -90,7 +91,9 @@ pub fn run(a: &LabArgs) -> Result<()> {
         budget_mib: a.budget_mib,
         kvm: std::path::Path::new("/dev/kvm").exists(),
     };
-    let stages = 2 + a.kinds.len() as u64 + [&a.firecracker, &a.crun, &a.runc, &a.qemu].iter().filter(|p| p.is_some()).count() as u64;
+    let stages = 2
+        + a.kinds.len() as u64
+        + [&a.firecracker, &a.crun, &a.runc, &a.qemu].iter().filter(|p| p.is_some()).count() as u64;
     let bar = ProgressBar::new(stages);
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {pos}/{len} {wide_msg}")
@@ -106,7 +109,12 @@ pub fn run(a: &LabArgs) -> Result<()> {
     }
     if let Some(out) = &a.out {
         isla_lab::write_report(&results, out)?;
-        println!("report: {}/report.html, {}/report.md, raw samples {}/results.json", out.display(), out.display(), out.display());
+        println!(
+            "report: {}/report.html, {}/report.md, raw samples {}/results.json",
+            out.display(),
+            out.display(),
+            out.display()
+        );
     }
     Ok(())
 }

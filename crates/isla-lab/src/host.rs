@@ -198,7 +198,8 @@ pub fn which(name: &str) -> Option<PathBuf> {
     if p.is_absolute() {
         return p.is_file().then(|| p.to_path_buf());
     }
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    let path = std::env::var_os("PATH")
+        .unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
     std::env::split_paths(&path).map(|d| d.join(name)).find(|c| c.is_file())
 }
 
@@ -248,7 +249,10 @@ mod tests {
     fn bounded_runs_and_waits() {
         let o = run_bounded(Command::new("sh").args(["-c", "echo out; echo err >&2; exit 3"]), Duration::from_secs(10))
             .unwrap();
-        assert_eq!((o.status.code(), o.stdout.as_slice(), o.stderr.as_slice()), (Some(3), &b"out\n"[..], &b"err\n"[..]));
+        assert_eq!(
+            (o.status.code(), o.stdout.as_slice(), o.stderr.as_slice()),
+            (Some(3), &b"out\n"[..], &b"err\n"[..])
+        );
         let e = run_bounded(Command::new("sleep").arg("5"), Duration::from_millis(200)).unwrap_err();
         assert!(e.to_string().contains("still running"), "{e}");
         assert!(run_ok(Command::new("false").args(["x"]), Duration::from_secs(5)).is_err());

@@ -172,7 +172,8 @@ impl Instance {
     fn halt(&mut self) {
         if let Some(g) = &mut self.main {
             // SIGTERM first: isla's monitor then stops the guest cleanly and writes its report.
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(g.pid() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(g.pid() as i32), nix::sys::signal::Signal::SIGTERM);
             let t = Instant::now();
             while g.ended().is_none() && t.elapsed() < Duration::from_secs(10) {
                 std::thread::sleep(Duration::from_millis(20));
@@ -291,7 +292,16 @@ impl Launcher {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn container(&self, env: &Env, mode: Mode, tag: &str, dir: PathBuf, log: PathBuf, bin: &Path, isla: bool) -> Result<Instance> {
+    fn container(
+        &self,
+        env: &Env,
+        mode: Mode,
+        tag: &str,
+        dir: PathBuf,
+        log: PathBuf,
+        bin: &Path,
+        isla: bool,
+    ) -> Result<Instance> {
         let rootfs = dir.join("rootfs");
         isla_container::testutil::make_rootfs(&rootfs).map_err(|e| Error::io(&rootfs, e))?;
         if mode == Mode::Work {
@@ -455,16 +465,23 @@ impl Launcher {
             Launcher::Qemu(bin) => {
                 let mut cmd = in_netns(ns, bin);
                 let accel = isla_qemu::Accel::Auto.resolve().0;
-                cmd.args(["-M", "q35", "-accel", &accel.to_string(), "-cpu", accel.default_cpu_model(isla_qemu::Machine::Q35)])
-                    .args(["-m", &guest_mib(mode, 256).to_string(), "-smp", "1"])
-                    .args(["-display", "none", "-monitor", "none", "-no-reboot", "-nodefaults"])
-                    .arg("-kernel")
-                    .arg(&g.vm_kernel)
-                    .arg("-initrd")
-                    .arg(&g.initramfs)
-                    .args(["-append", &cmdline])
-                    .arg("-serial")
-                    .arg(format!("file:{}", log.display()));
+                cmd.args([
+                    "-M",
+                    "q35",
+                    "-accel",
+                    &accel.to_string(),
+                    "-cpu",
+                    accel.default_cpu_model(isla_qemu::Machine::Q35),
+                ])
+                .args(["-m", &guest_mib(mode, 256).to_string(), "-smp", "1"])
+                .args(["-display", "none", "-monitor", "none", "-no-reboot", "-nodefaults"])
+                .arg("-kernel")
+                .arg(&g.vm_kernel)
+                .arg("-initrd")
+                .arg(&g.initramfs)
+                .args(["-append", &cmdline])
+                .arg("-serial")
+                .arg(format!("file:{}", log.display()));
                 if let (Some(w), Some(img)) = (&work, &g.tools_image) {
                     cmd.arg("-drive").arg(format!("file={},format=raw,if=virtio,readonly=on", img.display()));
                     cmd.arg("-drive").arg(format!("file={},format=raw,if=virtio", w.scratch.display()));
@@ -511,7 +528,10 @@ impl Launcher {
                     let mut s = isla_qemu::DiskConfig::new(&w.scratch);
                     s.format = Some(isla_qemu::DiskFormat::Raw);
                     cfg.disks = vec![t, s];
-                    cfg.nics = vec![isla_qemu::NicConfig::Tap { ifname: w.tap.clone(), mac: Some("06:00:0a:d5:00:02".into()) }];
+                    cfg.nics = vec![isla_qemu::NicConfig::Tap {
+                        ifname: w.tap.clone(),
+                        mac: Some("06:00:0a:d5:00:02".into()),
+                    }];
                 }
                 let cfg_path = dir.join("vm.json");
                 std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg)?).map_err(|e| Error::io(&cfg_path, e))?;

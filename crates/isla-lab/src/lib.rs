@@ -48,11 +48,9 @@ pub fn write_report(r: &Results, out: &Path) -> Result<()> {
     }
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let html = render::html(r)?;
-    for (name, text) in [
-        ("results.json", serde_json::to_string_pretty(r)?),
-        ("report.md", render::markdown(r)),
-        ("report.html", html),
-    ] {
+    for (name, text) in
+        [("results.json", serde_json::to_string_pretty(r)?), ("report.md", render::markdown(r)), ("report.html", html)]
+    {
         let p = out.join(name);
         std::fs::write(&p, text).map_err(|e| Error::io(&p, e))?;
     }

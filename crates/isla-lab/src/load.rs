@@ -53,7 +53,8 @@ fn enter_netns(path: &Path) -> Result<(), String> {
 /// One HTTP/1.0 GET; Ok(latency) on a 200 answer.
 fn get(addr: SocketAddr, path: &str) -> Result<Duration, String> {
     let t = Instant::now();
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| format!("connect {addr}: {e}"))?;
+    let mut s =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| format!("connect {addr}: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: {}\r\n\r\n", addr.ip()).map_err(|e| format!("send: {e}"))?;
     let mut body = Vec::new();
@@ -125,8 +126,9 @@ pub fn iperf3(netns: Option<&Path>, addr: &str, seconds: u64) -> Result<f64, Str
     };
     cmd.args(["-c", addr, "-p", "5201", "-J", "--connect-timeout", "5000", "-t", &seconds.to_string()]);
     let out = run_bounded(&mut cmd, Duration::from_secs(seconds + 30)).map_err(|e| e.to_string())?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .map_err(|_| format!("iperf3 printed no JSON ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim()))?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|_| {
+        format!("iperf3 printed no JSON ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim())
+    })?;
     if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
         return Err(format!("iperf3: {e}"));
     }

@@ -115,7 +115,14 @@ pub struct Figure {
 
 impl Figure {
     /// A figure from samples: `Failed { reason }` when there are none.
-    pub fn from_samples(key: &str, title: &str, unit: &str, method: String, samples: Vec<f64>, failure: &str) -> Figure {
+    pub fn from_samples(
+        key: &str,
+        title: &str,
+        unit: &str,
+        method: String,
+        samples: Vec<f64>,
+        failure: &str,
+    ) -> Figure {
         let outcome = match Summary::of(&samples) {
             Some(summary) => Outcome::Measured { samples, summary, phases: Vec::new(), notes: Vec::new() },
             None => Outcome::Failed { reason: failure.to_string() },
@@ -190,8 +197,17 @@ impl Figure {
 }
 
 fn higher_is_better(key: &str) -> bool {
-    [key::DENSITY, key::DENSITY_PROJECTED, key::CPU, key::DISK_SEQ_READ, key::DISK_SEQ_WRITE, key::DISK_RAND_READ, key::NET, key::HTTP_RPS]
-        .contains(&key)
+    [
+        key::DENSITY,
+        key::DENSITY_PROJECTED,
+        key::CPU,
+        key::DISK_SEQ_READ,
+        key::DISK_SEQ_WRITE,
+        key::DISK_RAND_READ,
+        key::NET,
+        key::HTTP_RPS,
+    ]
+    .contains(&key)
 }
 
 /// A number with as many digits as it deserves.

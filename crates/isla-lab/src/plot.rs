@@ -71,7 +71,7 @@ pub fn bar_chart(id: &'static str, title: &str, unit: &str, bars: &[Bar]) -> Res
                     let c = SegmentValue::CenterOf(i);
                     let whisker = PathElement::new(vec![(c.clone(), s.min), (c.clone(), s.max)], BLACK.stroke_width(2));
                     chart.draw_series(std::iter::once(whisker)).map_err(err)?;
-                    let text = format!("{}", crate::model::num(s.median));
+                    let text = crate::model::num(s.median);
                     chart
                         .draw_series(std::iter::once(Text::new(text, (c, s.max.max(s.median)), ("sans-serif", 13))))
                         .map_err(err)?;
@@ -121,7 +121,12 @@ pub fn all(r: &Results) -> Result<Vec<Plot>> {
     Ok(vec![
         bar_chart("plot-start", "Start time (command to workload ready)", "ms", &subjects(r, key::START))?,
         bar_chart("plot-memory", "Base memory of one idle instance (Pss)", "KiB", &subjects(r, key::MEMORY))?,
-        bar_chart("plot-density", "Density: instances per memory budget (projected)", "instances", &subjects(r, key::DENSITY_PROJECTED))?,
+        bar_chart(
+            "plot-density",
+            "Density: instances per memory budget (projected)",
+            "instances",
+            &subjects(r, key::DENSITY_PROJECTED),
+        )?,
         bar_chart("plot-cpu", "CPU: sysbench prime, events/s", "events/s", &against_host(r, key::CPU))?,
         bar_chart("plot-disk", "Disk: fio sequential, KiB/s", "KiB/s", &disk)?,
         bar_chart("plot-disk-random", "Disk: fio random read 4k, IOPS", "IOPS", &against_host(r, key::DISK_RAND_READ))?,
@@ -151,8 +156,13 @@ mod tests {
     #[test]
     fn draws_bars_and_reasons() {
         let s = Summary::of(&[10.0, 12.0, 30.0]).unwrap();
-        let p = bar_chart("plot-x", "A title", "ms", &[("one".into(), Ok(s)), ("two".into(), Err("failed: no kvm".into()))])
-            .unwrap();
+        let p = bar_chart(
+            "plot-x",
+            "A title",
+            "ms",
+            &[("one".into(), Ok(s)), ("two".into(), Err("failed: no kvm".into()))],
+        )
+        .unwrap();
         assert!(p.svg.starts_with("<svg id=\"plot-x\" "), "{}", &p.svg[..80]);
         assert!(p.svg.contains("A title") && p.svg.contains("one") && p.svg.contains("failed: no kvm"));
         assert!(p.svg.contains("<rect"), "a bar is drawn");

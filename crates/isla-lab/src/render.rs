@@ -47,8 +47,13 @@ fn seed_table(r: &Results) -> Table {
         v
     };
     let fig = |k: &'static str| move |s: Option<&Subject>| cell(s.and_then(|s| s.figure(k)));
-    let density = |s: Option<&Subject>| match (s.and_then(|s| s.figure(key::DENSITY)), s.and_then(|s| s.figure(key::DENSITY_PROJECTED))) {
-        (Some(a), Some(b)) if b.median().is_some() => format!("{} started; {} per budget", cell(Some(a)), cell(Some(b))),
+    let density = |s: Option<&Subject>| match (
+        s.and_then(|s| s.figure(key::DENSITY)),
+        s.and_then(|s| s.figure(key::DENSITY_PROJECTED)),
+    ) {
+        (Some(a), Some(b)) if b.median().is_some() => {
+            format!("{} started; {} per budget", cell(Some(a)), cell(Some(b)))
+        }
         (a, _) => cell(a),
     };
     Table {
@@ -109,7 +114,8 @@ fn peer_table(r: &Results) -> Table {
     for kind in Kind::ALL {
         let Some(isla) = r.isla(kind) else { continue };
         for p in r.peers(kind) {
-            let ratio = |k: &str| match (p.figure(k).and_then(Figure::median), isla.figure(k).and_then(Figure::median)) {
+            let ratio = |k: &str| match (p.figure(k).and_then(Figure::median), isla.figure(k).and_then(Figure::median))
+            {
                 (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
                 _ => "-".into(),
             };
@@ -162,7 +168,15 @@ fn phases_text(f: &Figure) -> Vec<String> {
     match &f.outcome {
         Outcome::Measured { phases, notes, .. } => phases
             .iter()
-            .map(|p| format!("phase {}: {} ms ({}-{})", p.name, num(p.summary.median), num(p.summary.min), num(p.summary.max)))
+            .map(|p| {
+                format!(
+                    "phase {}: {} ms ({}-{})",
+                    p.name,
+                    num(p.summary.median),
+                    num(p.summary.min),
+                    num(p.summary.max)
+                )
+            })
             .chain(notes.iter().cloned())
             .collect(),
         _ => Vec::new(),
@@ -189,7 +203,15 @@ pub fn terminal(r: &Results) -> String {
     let text = |t: &Table| -> String {
         let cols = t.head.len();
         let width: Vec<usize> = (0..cols)
-            .map(|c| t.rows.iter().map(|row| row[c].chars().count()).chain([t.head[c].chars().count()]).max().unwrap_or(0).min(48))
+            .map(|c| {
+                t.rows
+                    .iter()
+                    .map(|row| row[c].chars().count())
+                    .chain([t.head[c].chars().count()])
+                    .max()
+                    .unwrap_or(0)
+                    .min(48)
+            })
             .collect();
         let line = |cells: &[String]| -> String {
             cells
@@ -306,7 +328,13 @@ pub fn html(r: &Results) -> Result<String> {
     s.push_str(&html_table(&isolation_table(r)));
     s.push_str("<h2>How each figure was measured</h2><ul>\n");
     for (who, f) in methods(r) {
-        s.push_str(&format!("<li><b>{}, {}</b>: {}<div class=\"m\">Method: {}", esc(&who), esc(&f.title), esc(&f.brief()), esc(&f.method)));
+        s.push_str(&format!(
+            "<li><b>{}, {}</b>: {}<div class=\"m\">Method: {}",
+            esc(&who),
+            esc(&f.title),
+            esc(&f.brief()),
+            esc(&f.method)
+        ));
         for p in phases_text(f) {
             s.push_str(&format!("<br>{}", esc(&p)));
         }
@@ -322,13 +350,17 @@ mod tests {
     use crate::model::{HostInfo, Probe, RunInfo, Shared};
 
     fn results() -> Results {
-        let start = Figure::from_samples(key::START, "start", "ms", "timed <from> spawn".into(), vec![20.0, 25.0, 22.0], "");
+        let start =
+            Figure::from_samples(key::START, "start", "ms", "timed <from> spawn".into(), vec![20.0, 25.0, 22.0], "");
         let probe = Probe::default();
         let container = Subject {
             name: "isla runtime (isla)".into(),
             kind: Kind::Container,
             peer: false,
-            figures: vec![start.clone(), Figure::from_samples(key::CPU, "CPU", "events/s", "sysbench".into(), vec![900.0], "")],
+            figures: vec![
+                start.clone(),
+                Figure::from_samples(key::CPU, "CPU", "events/s", "sysbench".into(), vec![900.0], ""),
+            ],
             isolation: Isolation::Probed {
                 probe,
                 rows: vec![
@@ -350,8 +382,22 @@ mod tests {
             isolation: Isolation::NotRun { reason: "no qemu".into() },
         };
         Results {
-            run: RunInfo { quick: true, runs: 3, kinds: vec![Kind::Container, Kind::Vm], budget_mib: 512, started_unix: 0, wall_s: 1.0, isla_version: "0".into() },
-            host: HostInfo { kernel: "6.1".into(), cpus: 2, mem_total_kib: 1 << 20, cpu_model: "cpu".into(), nested_pvm: false },
+            run: RunInfo {
+                quick: true,
+                runs: 3,
+                kinds: vec![Kind::Container, Kind::Vm],
+                budget_mib: 512,
+                started_unix: 0,
+                wall_s: 1.0,
+                isla_version: "0".into(),
+            },
+            host: HostInfo {
+                kernel: "6.1".into(),
+                cpus: 2,
+                mem_total_kib: 1 << 20,
+                cpu_model: "cpu".into(),
+                nested_pvm: false,
+            },
             host_baseline: vec![Figure::from_samples(key::CPU, "CPU", "events/s", "sysbench".into(), vec![1000.0], "")],
             host_probe: Some(Probe::default()),
             subjects: vec![container, crun, vm],

@@ -69,7 +69,8 @@ pub trait Progress {
 /// Runs the lab. Kinds that cannot run here are reported with the reason.
 pub fn run(opts: &Options, progress: &dyn Progress) -> Result<Results> {
     let t0 = Instant::now();
-    let started_unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let started_unix =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let dir = host::tempdir_for("run")?;
     let result = run_in(opts, progress, &dir);
     let _ = std::fs::remove_dir_all(&dir);
@@ -125,7 +126,12 @@ fn run_in(opts: &Options, progress: &dyn Progress, dir: &Path) -> Result<Parts> 
                 Ok((_, files)) => Some(tools::tools_image(files, dir)?),
                 Err(_) => None,
             };
-            Some(Guest { microvm_kernel: kit.microvm_kernel.clone(), vm_kernel: kit.vm_kernel.clone(), initramfs, tools_image })
+            Some(Guest {
+                microvm_kernel: kit.microvm_kernel.clone(),
+                vm_kernel: kit.vm_kernel.clone(),
+                initramfs,
+                tools_image,
+            })
         }
         _ => None,
     };
@@ -228,11 +234,23 @@ fn not_run_subject(l: &Launcher, reason: &str, env: &Env, opts: &Options) -> Sub
         Figure::not_run(key::MEMORY, MEMORY_TITLE, "KiB", MEMORY_METHOD.into(), reason.into()),
     ];
     if !l.is_peer() {
-        figures.push(Figure::not_run(key::DENSITY, "density", "instances", density_method(opts, l.kind()), reason.into()));
+        figures.push(Figure::not_run(
+            key::DENSITY,
+            "density",
+            "instances",
+            density_method(opts, l.kind()),
+            reason.into(),
+        ));
         figures.extend(workload_not_run(reason));
     }
     let _ = env;
-    Subject { name: l.name(), kind: l.kind(), peer: l.is_peer(), figures, isolation: Isolation::NotRun { reason: reason.into() } }
+    Subject {
+        name: l.name(),
+        kind: l.kind(),
+        peer: l.is_peer(),
+        figures,
+        isolation: Isolation::NotRun { reason: reason.into() },
+    }
 }
 
 /// One start run: the total, the phases, memory at rest, the probes.
@@ -290,7 +308,14 @@ fn subject(l: &Launcher, env: &Env, opts: &Options, host_probe: Option<&Probe>, 
         }
     }
     let reason = failure.clone().unwrap_or_else(|| "no run completed".into());
-    let mut start = Figure::from_samples(key::START, START_TITLE, "ms", l.start_method(), samples.iter().map(|s| s.total_ms).collect(), &reason);
+    let mut start = Figure::from_samples(
+        key::START,
+        START_TITLE,
+        "ms",
+        l.start_method(),
+        samples.iter().map(|s| s.total_ms).collect(),
+        &reason,
+    );
     let mut names: Vec<String> = Vec::new();
     for s in &samples {
         for (n, _) in &s.phases {
@@ -300,7 +325,8 @@ fn subject(l: &Launcher, env: &Env, opts: &Options, host_probe: Option<&Probe>, 
         }
     }
     for n in names {
-        let v: Vec<f64> = samples.iter().filter_map(|s| s.phases.iter().find(|(m, _)| *m == n).map(|(_, x)| *x)).collect();
+        let v: Vec<f64> =
+            samples.iter().filter_map(|s| s.phases.iter().find(|(m, _)| *m == n).map(|(_, x)| *x)).collect();
         start = start.with_phase(Phase::new(&n, v));
     }
     for n in &notes {
@@ -384,7 +410,8 @@ fn density(l: &Launcher, env: &Env, opts: &Options) -> Vec<Figure> {
         return vec![f];
     }
     let per = total as f64 / n as f64;
-    let note = format!("{n} instances held {total} KiB Pss in {:.1} s; stopped: {stop_reason}", start.elapsed().as_secs_f64());
+    let note =
+        format!("{n} instances held {total} KiB Pss in {:.1} s; stopped: {stop_reason}", start.elapsed().as_secs_f64());
     vec![
         Figure::from_samples(key::DENSITY, "density: idle instances started", "instances", method, vec![n as f64], "")
             .with_note(note),
@@ -402,7 +429,8 @@ fn density(l: &Launcher, env: &Env, opts: &Options) -> Vec<Figure> {
     ]
 }
 
-const CPU_METHOD: &str = "sysbench cpu --cpu-max-prime=10000 --threads=1 --time=S run inside the instance: events per second";
+const CPU_METHOD: &str =
+    "sysbench cpu --cpu-max-prime=10000 --threads=1 --time=S run inside the instance: events per second";
 
 fn fio_method(name: &str) -> String {
     let (rw, bs) = match name {
@@ -444,7 +472,13 @@ fn workload_figures(
             None => Figure::not_run(k, title, unit, method, not_run.into()),
             Some(o) => {
                 let err = o.errors.iter().find(|e| e.starts_with(what)).cloned();
-                Figure::failed(k, title, unit, method, err.unwrap_or_else(|| format!("the script printed no {what} result")))
+                Figure::failed(
+                    k,
+                    title,
+                    unit,
+                    method,
+                    err.unwrap_or_else(|| format!("the script printed no {what} result")),
+                )
             }
         }
     };
@@ -455,7 +489,10 @@ fn workload_figures(
         }
     };
     v.push(match out.and_then(|o| o.cpu) {
-        Some(x) => retried(Figure::from_samples(key::CPU, "CPU (sysbench prime)", "events/s", CPU_METHOD.into(), vec![x], ""), "sysbench"),
+        Some(x) => retried(
+            Figure::from_samples(key::CPU, "CPU (sysbench prime)", "events/s", CPU_METHOD.into(), vec![x], ""),
+            "sysbench",
+        ),
         None => missing(key::CPU, "CPU (sysbench prime)", "events/s", CPU_METHOD.into(), "cpu"),
     });
     for (k, name, title, unit, iops) in [
@@ -480,7 +517,8 @@ fn workload_figures(
         (_, Ok(x)) => Figure::from_samples(key::NET, "network (iperf3)", "Mbit/s", NET_METHOD.into(), vec![*x], ""),
         (_, Err(e)) => Figure::failed(key::NET, "network (iperf3)", "Mbit/s", NET_METHOD.into(), e.clone()),
     });
-    let http_figs: [(&str, &str, &str, fn(&load::HttpResult) -> Option<f64>); 4] = [
+    type Pick = fn(&load::HttpResult) -> Option<f64>;
+    let http_figs: [(&str, &str, &str, Pick); 4] = [
         (key::HTTP_RPS, "web: requests per second", "req/s", |h| (h.requests > 0).then_some(h.requests_per_s)),
         (key::HTTP_P50, "web: latency p50", "ms", |h| h.p50_ms),
         (key::HTTP_P90, "web: latency p90", "ms", |h| h.p90_ms),
@@ -504,7 +542,11 @@ fn workload_figures(
                     title,
                     unit,
                     method,
-                    format!("no request succeeded ({} errors; first: {})", h.errors, h.first_error.clone().unwrap_or_default()),
+                    format!(
+                        "no request succeeded ({} errors; first: {})",
+                        h.errors,
+                        h.first_error.clone().unwrap_or_default()
+                    ),
                 ),
             },
             (_, Err(e)) => Figure::failed(k, title, unit, method, e.clone()),
@@ -514,7 +556,11 @@ fn workload_figures(
 }
 
 /// Network clients against a ready instance (or the host baseline's namespace).
-fn clients(netns: Option<&Path>, addr: &str, seconds: u64) -> (std::result::Result<f64, String>, std::result::Result<load::HttpResult, String>) {
+fn clients(
+    netns: Option<&Path>,
+    addr: &str,
+    seconds: u64,
+) -> (std::result::Result<f64, String>, std::result::Result<load::HttpResult, String>) {
     let net = load::iperf3(netns, addr, seconds);
     let http = match addr.parse() {
         Ok(ip) => load::http(&HttpLoad {
@@ -532,7 +578,9 @@ fn clients(netns: Option<&Path>, addr: &str, seconds: u64) -> (std::result::Resu
 
 fn workload(l: &Launcher, env: &Env, progress: &dyn Progress) -> Vec<Figure> {
     if env.tools.is_none() {
-        return workload_not_run("sysbench, fio or iperf3 is not installed on the host (apt-get install sysbench fio iperf3)");
+        return workload_not_run(
+            "sysbench, fio or iperf3 is not installed on the host (apt-get install sysbench fio iperf3)",
+        );
     }
     let limit = env.boot_limit + Duration::from_secs(8 * env.seconds + 120);
     let mut last_err = String::new();
@@ -555,7 +603,10 @@ fn workload(l: &Launcher, env: &Env, progress: &dyn Progress) -> Vec<Figure> {
                     figs = figs.into_iter().map(|f| f.with_note("guest: 1 vCPU, 512 MiB")).collect();
                 }
                 if attempt > 1 {
-                    figs = figs.into_iter().map(|f| f.with_note(format!("the first workload run failed and was retried: {last_err}"))).collect();
+                    figs = figs
+                        .into_iter()
+                        .map(|f| f.with_note(format!("the first workload run failed and was retried: {last_err}")))
+                        .collect();
                 }
                 return figs;
             }

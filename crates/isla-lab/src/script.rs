@@ -218,8 +218,16 @@ mod tests {
         };
         let rows = compare(&host, &host);
         assert!(rows.iter().all(|r| r.shared), "{rows:?}");
-        let container =
-            Probe { pid1: "sh".into(), processes: 2, host_process_visible: false, interfaces: vec!["lo/0".into()], host_marker_visible: false, dev_entries: 12, dev_kvm: false, ..host.clone() };
+        let container = Probe {
+            pid1: "sh".into(),
+            processes: 2,
+            host_process_visible: false,
+            interfaces: vec!["lo/0".into()],
+            host_marker_visible: false,
+            dev_entries: 12,
+            dev_kvm: false,
+            ..host.clone()
+        };
         let rows = compare(&container, &host);
         let shared: Vec<(&str, bool)> = rows.iter().map(|r| (r.dimension.as_str(), r.shared)).collect();
         assert_eq!(

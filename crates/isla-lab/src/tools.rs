@@ -86,7 +86,11 @@ pub fn tools_image(files: &BTreeSet<PathBuf>, dir: &Path) -> Result<PathBuf> {
     let size_mib = bytes / (1 << 20) * 5 / 4 + 32;
     let img = dir.join("tools.ext4");
     run_ok(
-        Command::new("mkfs.ext4").args(["-q", "-F", "-L", "isla-lab", "-d"]).arg(&tree).arg(&img).arg(format!("{size_mib}M")),
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "isla-lab", "-d"])
+            .arg(&tree)
+            .arg(&img)
+            .arg(format!("{size_mib}M")),
         Duration::from_secs(120),
     )?;
     let _ = std::fs::remove_dir_all(&tree);
