@@ -140,13 +140,24 @@ pub fn wait_for_text(
             return Ok((start.elapsed(), s));
         }
         if !alive() {
-            return Err(format!("ended before printing {text:?}; last output: {}", tail(&s, 3)));
+            let why = telling(&s).map(|l| format!("{l}; ")).unwrap_or_default();
+            return Err(format!("ended before printing {text:?}: {why}last output: {}", tail(&s, 3)));
         }
         if start.elapsed() > limit {
             return Err(format!("no {text:?} after {} s; last output: {}", limit.as_secs(), tail(&s, 3)));
         }
         std::thread::sleep(Duration::from_millis(2));
     }
+}
+
+/// The line of a log that best says why a guest or process ended: an emulation failure, a
+/// kernel panic, a segfault, else the last line naming an error.
+pub fn telling(s: &str) -> Option<&str> {
+    let lines = || s.lines().map(|l| l.trim_end_matches('\r'));
+    ["INTERNAL_ERROR", "Kernel panic", "segfault"]
+        .iter()
+        .find_map(|k| lines().find(|l| l.contains(k)))
+        .or_else(|| lines().filter(|l| l.to_lowercase().contains("error")).last())
 }
 
 /// The last `n` non-empty lines of a text, joined with " | ".
@@ -265,6 +276,10 @@ mod tests {
         assert!(wait_for_text(&f, "never", Duration::from_secs(5), || false).unwrap_err().starts_with("ended"));
         std::fs::remove_dir_all(d).unwrap();
         assert_eq!(tail("\n\nx\r\n", 3), "x");
+        let log = "a\nIO read failed: bus error\nvcpu: Received KVM_EXIT_INTERNAL_ERROR signal\nexit error\n";
+        assert_eq!(telling(log), Some("vcpu: Received KVM_EXIT_INTERNAL_ERROR signal"));
+        assert_eq!(telling("x\nan error here\ny\n"), Some("an error here"));
+        assert_eq!(telling("all fine\n"), None);
         assert!(which("sh").is_some() && which("/nonexistent/x").is_none());
         assert!(info().cpus >= 1);
     }

@@ -164,12 +164,12 @@ impl Instance {
 
     /// Stops it; the monitor's report if it wrote one.
     pub fn stop(mut self) -> Option<serde_json::Value> {
-        self.halt();
+        self.terminate();
         let r = self.report.as_ref().and_then(|p| std::fs::read_to_string(p).ok());
         r.and_then(|t| serde_json::from_str(&t).ok())
     }
 
-    fn halt(&mut self) {
+    fn terminate(&mut self) {
         if let Some(g) = &mut self.main {
             // SIGTERM first: isla's monitor then stops the guest cleanly and writes its report.
             let _ =
@@ -180,6 +180,10 @@ impl Instance {
             }
         }
         self.main = None;
+    }
+
+    fn halt(&mut self) {
+        self.terminate();
         for mut c in self.stop.drain(..) {
             let _ = host::run_bounded(&mut c, Duration::from_secs(30));
         }

@@ -151,7 +151,7 @@ fn run_in(opts: &Options, progress: &dyn Progress, dir: &Path) -> Result<Parts> 
     progress.begin("host: probes and baseline workloads");
     let host_probe = host_script(&env, Mode::Probe, None).ok().and_then(|(o, _)| o.probe);
     let host_baseline = match &tools {
-        Err(reason) => workload_not_run(reason),
+        Err(reason) => workload_not_run(reason, opts.seconds()),
         Ok(_) => host_baseline(&env, opts, progress),
     };
 
@@ -241,7 +241,7 @@ fn not_run_subject(l: &Launcher, reason: &str, env: &Env, opts: &Options) -> Sub
             density_method(opts, l.kind()),
             reason.into(),
         ));
-        figures.extend(workload_not_run(reason));
+        figures.extend(workload_not_run(reason, opts.seconds()));
     }
     let _ = env;
     Subject {
@@ -429,24 +429,29 @@ fn density(l: &Launcher, env: &Env, opts: &Options) -> Vec<Figure> {
     ]
 }
 
-const CPU_METHOD: &str =
-    "sysbench cpu --cpu-max-prime=10000 --threads=1 --time=S run inside the instance: events per second";
+fn cpu_method(seconds: u64) -> String {
+    format!("sysbench cpu --cpu-max-prime=10000 --threads=1 --time={seconds} run inside the instance: events per second")
+}
 
-fn fio_method(name: &str) -> String {
+fn fio_method(name: &str, seconds: u64) -> String {
     let (rw, bs) = match name {
         "seqwrite" => ("write", "1M"),
         "seqread" => ("read", "1M"),
         _ => ("randread", "4k"),
     };
     format!(
-        "fio --rw={rw} --bs={bs} --ioengine=psync --direct=1 --time_based --runtime=S on the instance's disk (host: a \
+        "fio --rw={rw} --bs={bs} --ioengine=psync --direct=1 --time_based --runtime={seconds} on the instance's disk (host: a \
          file in the lab's directory; container: a file in its root file system; guests: a raw virtio disk backed by a \
          host file)"
     )
 }
 
-const NET_METHOD: &str = "iperf3 -s in the instance; iperf3 -c -t S from the host side, inside the lab's own network \
-     namespace (guests: over a TAP; container and host: over loopback of the namespace): received Mbit/s";
+fn net_method(seconds: u64) -> String {
+    format!(
+        "iperf3 -s in the instance; iperf3 -c -t {seconds} from the host side, inside the lab's own network namespace \
+         (guests: over a TAP; container and host: over loopback of the namespace): received Mbit/s"
+    )
+}
 
 fn http_method(what: &str) -> String {
     format!(
@@ -455,8 +460,8 @@ fn http_method(what: &str) -> String {
     )
 }
 
-fn workload_not_run(reason: &str) -> Vec<Figure> {
-    workload_figures(None, &Err(reason.to_string()), &Err(reason.to_string()), reason)
+fn workload_not_run(reason: &str, seconds: u64) -> Vec<Figure> {
+    workload_figures(None, &Err(reason.to_string()), &Err(reason.to_string()), reason, seconds)
 }
 
 /// Figures from one workload run (the script's output), the iperf3 result and the HTTP result.
@@ -465,6 +470,7 @@ fn workload_figures(
     net: &std::result::Result<f64, String>,
     http: &std::result::Result<load::HttpResult, String>,
     not_run: &str,
+    seconds: u64,
 ) -> Vec<Figure> {
     let mut v = Vec::new();
     let missing = |k: &str, title: &str, unit: &str, method: String, what: &str| -> Figure {
@@ -490,10 +496,10 @@ fn workload_figures(
     };
     v.push(match out.and_then(|o| o.cpu) {
         Some(x) => retried(
-            Figure::from_samples(key::CPU, "CPU (sysbench prime)", "events/s", CPU_METHOD.into(), vec![x], ""),
+            Figure::from_samples(key::CPU, "CPU (sysbench prime)", "events/s", cpu_method(seconds), vec![x], ""),
             "sysbench",
         ),
-        None => missing(key::CPU, "CPU (sysbench prime)", "events/s", CPU_METHOD.into(), "cpu"),
+        None => missing(key::CPU, "CPU (sysbench prime)", "events/s", cpu_method(seconds), "cpu"),
     });
     for (k, name, title, unit, iops) in [
         (key::DISK_SEQ_READ, "seqread", "disk sequential read", "KiB/s", false),
@@ -508,14 +514,14 @@ fn workload_figures(
             }
         });
         v.push(match value {
-            Some(x) => retried(Figure::from_samples(k, title, unit, fio_method(name), vec![x], ""), "fio"),
-            None => missing(k, title, unit, fio_method(name), &format!("fio-{name}")),
+            Some(x) => retried(Figure::from_samples(k, title, unit, fio_method(name, seconds), vec![x], ""), "fio"),
+            None => missing(k, title, unit, fio_method(name, seconds), &format!("fio-{name}")),
         });
     }
     v.push(match (out, net) {
-        (None, _) => Figure::not_run(key::NET, "network (iperf3)", "Mbit/s", NET_METHOD.into(), not_run.into()),
-        (_, Ok(x)) => Figure::from_samples(key::NET, "network (iperf3)", "Mbit/s", NET_METHOD.into(), vec![*x], ""),
-        (_, Err(e)) => Figure::failed(key::NET, "network (iperf3)", "Mbit/s", NET_METHOD.into(), e.clone()),
+        (None, _) => Figure::not_run(key::NET, "network (iperf3)", "Mbit/s", net_method(seconds), not_run.into()),
+        (_, Ok(x)) => Figure::from_samples(key::NET, "network (iperf3)", "Mbit/s", net_method(seconds), vec![*x], ""),
+        (_, Err(e)) => Figure::failed(key::NET, "network (iperf3)", "Mbit/s", net_method(seconds), e.clone()),
     });
     type Pick = fn(&load::HttpResult) -> Option<f64>;
     let http_figs: [(&str, &str, &str, Pick); 4] = [
@@ -580,6 +586,7 @@ fn workload(l: &Launcher, env: &Env, progress: &dyn Progress) -> Vec<Figure> {
     if env.tools.is_none() {
         return workload_not_run(
             "sysbench, fio or iperf3 is not installed on the host (apt-get install sysbench fio iperf3)",
+            env.seconds,
         );
     }
     let limit = env.boot_limit + Duration::from_secs(8 * env.seconds + 120);
@@ -587,13 +594,13 @@ fn workload(l: &Launcher, env: &Env, progress: &dyn Progress) -> Vec<Figure> {
     for attempt in 1..=2 {
         let mut inst = match l.launch(env, Mode::Work, 200 + attempt) {
             Ok(i) => i,
-            Err(e) => return workload_not_run(&format!("the instance did not start: {e}")),
+            Err(e) => return workload_not_run(&format!("the instance did not start: {e}"), env.seconds),
         };
         match inst.wait("LAB ready", limit) {
             Ok((_, log)) => {
                 let out = script::parse(&log);
                 let (net, http) = clients(inst.netns.as_deref(), &inst.addr, env.seconds);
-                let mut figs = workload_figures(Some(&out), &net, &http, "");
+                let mut figs = workload_figures(Some(&out), &net, &http, "", env.seconds);
                 if l == &Launcher::IslaVm {
                     let note = "run on QEMU's microvm machine (virtio-mmio): the kit kernel has no driver for q35's \
                                 virtio-pci, AHCI or e1000 devices";
@@ -618,7 +625,7 @@ fn workload(l: &Launcher, env: &Env, progress: &dyn Progress) -> Vec<Figure> {
     }
     let reason = format!("the workload run failed twice; last: {last_err}");
     let out = script::parse(&last_err);
-    workload_figures(Some(&out), &Err(reason.clone()), &Err(reason), "")
+    workload_figures(Some(&out), &Err(reason.clone()), &Err(reason), "", env.seconds)
 }
 
 /// Runs `lab.sh` on the host (Work: inside a network namespace of the lab's own) until its ready
@@ -665,17 +672,17 @@ fn host_script(env: &Env, mode: Mode, ns: Option<&Netns>) -> Result<(script::Out
 fn host_baseline(env: &Env, opts: &Options, progress: &dyn Progress) -> Vec<Figure> {
     let ns = match Netns::new("host") {
         Ok(n) => n,
-        Err(e) => return workload_not_run(&format!("no network namespace for the host baseline: {e}")),
+        Err(e) => return workload_not_run(&format!("no network namespace for the host baseline: {e}"), env.seconds),
     };
     let _ = opts;
     let figs = match host_script(env, Mode::Work, Some(&ns)) {
         Ok((out, _guard)) => {
             let (net, http) = clients(Some(&ns.path()), "127.0.0.1", env.seconds);
-            workload_figures(Some(&out), &net, &http, "")
+            workload_figures(Some(&out), &net, &http, "", env.seconds)
         }
         Err(e) => {
             progress.note(&format!("host baseline: {e}"));
-            workload_not_run(&e.to_string())
+            workload_not_run(&e.to_string(), env.seconds)
         }
     };
     kill_netns_processes(&ns.path());
