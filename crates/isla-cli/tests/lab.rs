@@ -8,36 +8,9 @@ use std::path::Path;
 use std::process::Command;
 
 use common::*;
+use isla_lab::model::key;
+use isla_lab::plot::IDS as PLOTS;
 use serde_json::Value;
-
-const KEYS: [&str; 14] = [
-    "start_ms",
-    "base_memory_kib",
-    "density",
-    "density_projected",
-    "cpu_events_per_s",
-    "disk_seq_read_kib_s",
-    "disk_seq_write_kib_s",
-    "disk_rand_read_iops",
-    "net_mbit_s",
-    "http_requests_per_s",
-    "http_latency_p50_ms",
-    "http_latency_p90_ms",
-    "http_latency_p99_ms",
-    "isolation",
-];
-
-const PLOTS: [&str; 9] = [
-    "plot-start",
-    "plot-memory",
-    "plot-density",
-    "plot-cpu",
-    "plot-disk",
-    "plot-disk-random",
-    "plot-net",
-    "plot-http-rps",
-    "plot-http-latency",
-];
 
 /// A figure is either measured (samples and a summary) or carries a reason.
 fn check_figure(who: &str, f: &Value) {
@@ -81,27 +54,24 @@ fn quick_container_lab_reports_every_measurement_and_renders() {
     let r: Value = serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
     let subjects = r["subjects"].as_array().unwrap();
     let isla = subjects.iter().find(|s| s["kind"] == "container" && s["peer"] == false).expect("isla's container");
-    for k in KEYS {
-        if k == "isolation" {
-            let iso = &isla["isolation"];
-            assert_eq!(iso["status"], "probed", "isolation is measured: {iso}");
-            let rows = iso["rows"].as_array().unwrap();
-            assert_eq!(rows.len(), 5);
-            // Measured from inside: a container shares the host's kernel and nothing else probed.
-            for row in rows {
-                let shared = row["shared"].as_bool().unwrap();
-                assert_eq!(shared, row["dimension"] == "kernel", "{row}");
-            }
-            continue;
-        }
+    let iso = &isla["isolation"];
+    assert_eq!(iso["status"], "probed", "isolation is measured: {iso}");
+    let rows = iso["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 5);
+    // Measured from inside: a container shares the host's kernel and nothing else probed.
+    for row in rows {
+        let shared = row["shared"].as_bool().unwrap();
+        assert_eq!(shared, row["dimension"] == "kernel", "{row}");
+    }
+    for k in key::ALL {
         let f = isla["figures"].as_array().unwrap().iter().find(|f| f["key"] == k);
         check_figure("isla container", f.unwrap_or_else(|| panic!("no {k}")));
     }
     // The start time and base memory of a container are measurable everywhere CI runs.
-    for k in ["start_ms", "base_memory_kib", "density"] {
+    for k in [key::START, key::MEMORY, key::DENSITY] {
         let f = isla["figures"].as_array().unwrap().iter().find(|f| f["key"] == k).unwrap();
         assert_eq!(f["outcome"]["status"], "measured", "{f}");
-        assert!(f["outcome"]["samples"].as_array().unwrap().len() >= if k == "start_ms" { 2 } else { 1 });
+        assert!(f["outcome"]["samples"].as_array().unwrap().len() >= if k == key::START { 2 } else { 1 });
     }
     for f in r["host_baseline"].as_array().unwrap() {
         check_figure("host", f);

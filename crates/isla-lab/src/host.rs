@@ -157,7 +157,7 @@ pub fn telling(s: &str) -> Option<&str> {
     ["INTERNAL_ERROR", "Kernel panic", "segfault"]
         .iter()
         .find_map(|k| lines().find(|l| l.contains(k)))
-        .or_else(|| lines().filter(|l| l.to_lowercase().contains("error")).last())
+        .or_else(|| lines().rev().find(|l| l.to_lowercase().contains("error")))
 }
 
 /// The last `n` non-empty lines of a text, joined with " | ".

@@ -56,7 +56,9 @@ fn get(addr: SocketAddr, path: &str) -> Result<Duration, String> {
     let mut s =
         TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| format!("connect {addr}: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {}\r\n\r\n", addr.ip()).map_err(|e| format!("send: {e}"))?;
+    // One write: `write!` would send each formatted piece on its own.
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {}\r\n\r\n", addr.ip());
+    s.write_all(request.as_bytes()).map_err(|e| format!("send: {e}"))?;
     let mut body = Vec::new();
     s.read_to_end(&mut body).map_err(|e| format!("receive: {e}"))?;
     let head = String::from_utf8_lossy(&body[..body.len().min(64)]).into_owned();
@@ -151,9 +153,16 @@ mod tests {
         std::thread::spawn(move || {
             for s in listener.incoming() {
                 let Ok(mut s) = s else { continue };
+                // Read the whole request first: closing with unread bytes would reset the connection.
+                let mut req = Vec::new();
                 let mut buf = [0u8; 512];
-                let n = s.read(&mut buf).unwrap_or(0);
-                let ok = buf[..n].starts_with(b"GET /ok ");
+                while !req.ends_with(b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let ok = req.starts_with(b"GET /ok ");
                 let status = if ok { "200 OK" } else { "404 Not Found" };
                 let _ = write!(s, "HTTP/1.0 {status}\r\nContent-Length: 2\r\n\r\nhi");
             }

@@ -62,6 +62,27 @@ pub mod key {
     pub const HTTP_P50: &str = "http_latency_p50_ms";
     pub const HTTP_P90: &str = "http_latency_p90_ms";
     pub const HTTP_P99: &str = "http_latency_p99_ms";
+
+    /// The workload figures, measured inside each kind and on the host, in report order.
+    pub const WORKLOADS: [&str; 9] =
+        [CPU, DISK_SEQ_READ, DISK_SEQ_WRITE, DISK_RAND_READ, NET, HTTP_RPS, HTTP_P50, HTTP_P90, HTTP_P99];
+
+    /// Every figure of one of isla's kinds.
+    pub const ALL: [&str; 13] = [
+        START,
+        MEMORY,
+        DENSITY,
+        DENSITY_PROJECTED,
+        CPU,
+        DISK_SEQ_READ,
+        DISK_SEQ_WRITE,
+        DISK_RAND_READ,
+        NET,
+        HTTP_RPS,
+        HTTP_P50,
+        HTTP_P90,
+        HTTP_P99,
+    ];
 }
 
 /// How a figure turned out.
@@ -197,17 +218,8 @@ impl Figure {
 }
 
 fn higher_is_better(key: &str) -> bool {
-    [
-        key::DENSITY,
-        key::DENSITY_PROJECTED,
-        key::CPU,
-        key::DISK_SEQ_READ,
-        key::DISK_SEQ_WRITE,
-        key::DISK_RAND_READ,
-        key::NET,
-        key::HTTP_RPS,
-    ]
-    .contains(&key)
+    // Throughputs and counts; times and memory are better lower.
+    !(key == key::START || key == key::MEMORY || key.starts_with("http_latency"))
 }
 
 /// A number with as many digits as it deserves.

@@ -71,18 +71,7 @@ fn seed_table(r: &Results) -> Table {
 fn workload_table(r: &Results) -> Table {
     let mut head = vec!["Workload".to_string(), "host".to_string()];
     head.extend(Kind::ALL.iter().map(|k| k.title().to_string()));
-    let keys = [
-        key::CPU,
-        key::DISK_SEQ_READ,
-        key::DISK_SEQ_WRITE,
-        key::DISK_RAND_READ,
-        key::NET,
-        key::HTTP_RPS,
-        key::HTTP_P50,
-        key::HTTP_P90,
-        key::HTTP_P99,
-    ];
-    let rows = keys
+    let rows = key::WORKLOADS
         .iter()
         .map(|k| {
             let base = r.baseline(k);

@@ -282,6 +282,9 @@ fn start_once(l: &Launcher, env: &Env, idx: usize) -> std::result::Result<StartS
                 phases.push((name.into(), v));
             }
         }
+        if let Some(marker) = report.pointer("/phases/process_start_to_boot_marker_ms").and_then(|v| v.as_f64()) {
+            phases.push(("init's boot marker -> ready (lab.sh probes)".into(), total_ms - marker));
+        }
     }
     Ok(StartSample { total_ms, phases, memory_kib, output: script::parse(&log) })
 }
@@ -430,7 +433,9 @@ fn density(l: &Launcher, env: &Env, opts: &Options) -> Vec<Figure> {
 }
 
 fn cpu_method(seconds: u64) -> String {
-    format!("sysbench cpu --cpu-max-prime=10000 --threads=1 --time={seconds} run inside the instance: events per second")
+    format!(
+        "sysbench cpu --cpu-max-prime=10000 --threads=1 --time={seconds} run inside the instance: events per second"
+    )
 }
 
 fn fio_method(name: &str, seconds: u64) -> String {
