@@ -37,6 +37,9 @@ pub struct LabArgs {
     /// A qemu-system-x86_64 binary, run with a plain command line beside isla's VM.
     #[arg(long)]
     qemu: Option<PathBuf>,
+    /// Measure nothing: render the tables (and --out's reports) from an earlier results.json.
+    #[arg(long, value_name = "RESULTS_JSON")]
+    from_results: Option<PathBuf>,
     /// Memory budget for the density measurement, MiB.
     #[arg(long, default_value_t = 1024)]
     budget_mib: u64,
@@ -54,7 +57,24 @@ impl isla_lab::Progress for Bar {
     }
 }
 
+/// Prints the tables and writes --out's files.
+fn report(results: &isla_lab::Results, out: Option<&PathBuf>) -> Result<()> {
+    print!("{}", isla_lab::render::terminal(results));
+    if let Some(out) = out {
+        isla_lab::write_report(results, out)?;
+        let d = out.display();
+        println!("report: {d}/report.html, {d}/report.md, raw samples {d}/results.json");
+    }
+    Ok(())
+}
+
 pub fn run(a: &LabArgs) -> Result<()> {
+    if let Some(path) = &a.from_results {
+        let text = std::fs::read_to_string(path).with_context(|| format!("--from-results {}", path.display()))?;
+        let results: isla_lab::Results = serde_json::from_str(&text)
+            .with_context(|| format!("--from-results {}: not a results.json written by isla lab", path.display()))?;
+        return report(&results, a.out.as_ref());
+    }
     let runs = a.runs.unwrap_or(if a.quick { 3 } else { 5 });
     if runs == 0 {
         bail!("--runs: at least 1");
@@ -103,18 +123,8 @@ pub fn run(a: &LabArgs) -> Result<()> {
     let results = isla_lab::run(&opts, &Bar(bar.clone()));
     bar.finish_and_clear();
     let results = results?;
-    print!("{}", isla_lab::render::terminal(&results));
     if hybrid {
         println!("(hybrid cgroup host: the runtimes ran in a private mount namespace without the unified hierarchy)");
     }
-    if let Some(out) = &a.out {
-        isla_lab::write_report(&results, out)?;
-        println!(
-            "report: {}/report.html, {}/report.md, raw samples {}/results.json",
-            out.display(),
-            out.display(),
-            out.display()
-        );
-    }
-    Ok(())
+    report(&results, a.out.as_ref())
 }

@@ -302,9 +302,12 @@ pub fn html(r: &Results) -> Result<String> {
     s.push_str(&format!("<h1>isla lab report</h1><p>{}</p>\n", esc(&header(r))));
     s.push_str("<h2>The comparison table (seed 000), measured</h2>\n");
     s.push_str(&html_table(&seed_table(r)));
-    s.push_str("<h2>Plots</h2>\n");
+    s.push_str(
+        "<h2>Plots</h2><p>Bars are medians, whiskers span min to max; guests and the host are compared \
+                 on log scales where they differ by orders of magnitude. A bar missing says why.</p>\n",
+    );
     for p in plot::all(r)? {
-        s.push_str(&format!("<figure>{}<figcaption>{}</figcaption></figure>\n", p.svg, esc(&p.title)));
+        s.push_str(&format!("<figure>{}</figure>\n", p.svg));
     }
     s.push_str("<h2>Workloads inside each kind against the host</h2>\n");
     s.push_str(&html_table(&workload_table(r)));
