@@ -225,7 +225,7 @@ fn higher_is_better(key: &str) -> bool {
 /// A number with as many digits as it deserves.
 pub fn num(x: f64) -> String {
     let a = x.abs();
-    if a >= 100.0 || a == 0.0 {
+    if a >= 100.0 || x.fract() == 0.0 {
         format!("{x:.0}")
     } else if a >= 10.0 {
         format!("{x:.1}")
@@ -345,7 +345,7 @@ mod tests {
     fn figures_say_what_they_are() {
         let f = Figure::from_samples(key::START, "start", "ms", "m".into(), vec![3.0, 1.0, 2.0], "none");
         assert_eq!(f.median(), Some(2.0));
-        assert_eq!(f.brief(), "2.00 ms (1.00-3.00)");
+        assert_eq!(f.brief(), "2 ms (1-3)");
         assert!(!f.higher_is_better);
         let f = Figure::from_samples(key::CPU, "cpu", "events/s", "m".into(), vec![], "sysbench printed nothing");
         assert!(f.higher_is_better);
@@ -356,6 +356,7 @@ mod tests {
         assert!("lxc".parse::<Kind>().unwrap_err().contains("microvm, container or vm"));
         assert_eq!(num(1234.5), "1234");
         assert_eq!(num(0.01234), "0.012");
+        assert_eq!(num(2.0), "2");
     }
 
     #[test]

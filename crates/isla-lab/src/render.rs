@@ -11,8 +11,15 @@ struct Table {
     rows: Vec<Vec<String>>,
 }
 
+/// A table cell: the figure's one-line text, a long reason cut short (the method list and
+/// results.json keep it whole).
 fn cell(f: Option<&Figure>) -> String {
-    f.map(Figure::brief).unwrap_or_else(|| "-".into())
+    let text = f.map(Figure::brief).unwrap_or_else(|| "-".into());
+    if text.chars().count() > 160 {
+        text.chars().take(157).collect::<String>() + "..."
+    } else {
+        text
+    }
 }
 
 /// How much a subject shares with the host, from its probes.
@@ -400,7 +407,7 @@ mod tests {
     fn terminal_and_markdown_hold_the_seed_table() {
         let r = results();
         let t = terminal(&r);
-        assert!(t.contains("Start time") && t.contains("22.0 ms (20.0-25.0)"), "{t}");
+        assert!(t.contains("Start time") && t.contains("22 ms (20-25)"), "{t}");
         assert!(t.contains("not run: no qemu"), "{t}");
         assert!(t.contains("Medium: shares kernel"), "{t}");
         assert!(t.contains("[90% of host]"), "{t}");

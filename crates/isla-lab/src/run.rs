@@ -289,6 +289,11 @@ fn start_once(l: &Launcher, env: &Env, idx: usize) -> std::result::Result<StartS
     Ok(StartSample { total_ms, phases, memory_kib, output: script::parse(&log) })
 }
 
+/// A failure text without the digits (time stamps, addresses), to compare two failures.
+fn strip_times(s: &str) -> String {
+    s.chars().filter(|c| !c.is_ascii_digit()).collect()
+}
+
 fn subject(l: &Launcher, env: &Env, opts: &Options, host_probe: Option<&Probe>, progress: &dyn Progress) -> Subject {
     let mut samples: Vec<StartSample> = Vec::new();
     let mut notes = Vec::new();
@@ -303,7 +308,11 @@ fn subject(l: &Launcher, env: &Env, opts: &Options, host_probe: Option<&Probe>, 
                 match start_once(l, env, i) {
                     Ok(s) => samples.push(s),
                     Err(e2) => {
-                        failure = Some(format!("run {} failed twice: {e}; then {e2}", i + 1));
+                        failure = Some(if e2 == e || strip_times(&e2) == strip_times(&e) {
+                            format!("run {} failed twice the same way: {e2}", i + 1)
+                        } else {
+                            format!("run {} failed twice: {e}; then {e2}", i + 1)
+                        });
                         break;
                     }
                 }
