@@ -289,23 +289,17 @@ impl Launcher {
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let log = dir.join("console.log");
         match self {
-            Launcher::Oci { bin, isla, .. } => self.container(env, mode, &tag, dir, log, bin, *isla),
+            Launcher::Oci { .. } => self.container(env, mode, &tag, dir, log),
             Launcher::IslaMicrovm | Launcher::Firecracker(_) => self.microvm(env, mode, &tag, dir, log),
             Launcher::IslaVm | Launcher::Qemu(_) => self.vm(env, mode, &tag, dir, log),
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn container(
-        &self,
-        env: &Env,
-        mode: Mode,
-        tag: &str,
-        dir: PathBuf,
-        log: PathBuf,
-        bin: &Path,
-        isla: bool,
-    ) -> Result<Instance> {
+    fn container(&self, env: &Env, mode: Mode, tag: &str, dir: PathBuf, log: PathBuf) -> Result<Instance> {
+        let (bin, isla) = match self {
+            Launcher::Oci { bin, isla, .. } => (bin.as_path(), *isla),
+            _ => return Err(Error::Setup(format!("{} is not a container runtime", self.name()))),
+        };
         let rootfs = dir.join("rootfs");
         isla_container::testutil::make_rootfs(&rootfs).map_err(|e| Error::io(&rootfs, e))?;
         if mode == Mode::Work {

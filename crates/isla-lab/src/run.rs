@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::host::{self, Guard, Netns};
 use crate::kinds::{Env, Guest, Instance, Launcher, Mode};
 use crate::load::{self, HttpLoad};
-use crate::model::{key, Figure, HostInfo, Isolation, Kind, Outcome, Phase, Probe, Results, RunInfo, Subject};
+use crate::model::{key, Figure, Isolation, Kind, Phase, Probe, Results, RunInfo, Subject};
 use crate::script::{self, LAB_SH};
 use crate::{tools, Error, Result};
 
@@ -85,15 +85,11 @@ pub fn run(opts: &Options, progress: &dyn Progress) -> Result<Results> {
             wall_s: t0.elapsed().as_secs_f64(),
             isla_version: env!("CARGO_PKG_VERSION").into(),
         },
-        host: host_info(),
+        host: host::info(),
         host_baseline,
         host_probe,
         subjects,
     })
-}
-
-fn host_info() -> HostInfo {
-    host::info()
 }
 
 type Parts = (Vec<Figure>, Option<Probe>, Vec<Subject>);
@@ -152,7 +148,7 @@ fn run_in(opts: &Options, progress: &dyn Progress, dir: &Path) -> Result<Parts> 
     let host_probe = host_script(&env, Mode::Probe, None).ok().and_then(|(o, _)| o.probe);
     let host_baseline = match &tools {
         Err(reason) => workload_not_run(reason, opts.seconds()),
-        Ok(_) => host_baseline(&env, opts, progress),
+        Ok(_) => host_baseline(&env, progress),
     };
 
     let mut subjects = Vec::new();
@@ -163,7 +159,7 @@ fn run_in(opts: &Options, progress: &dyn Progress, dir: &Path) -> Result<Parts> 
         for launcher in launchers(opts, kind) {
             progress.begin(&launcher.name());
             let s = match unavailable(opts, &env, &launcher) {
-                Some(reason) => not_run_subject(&launcher, &reason, &env, opts),
+                Some(reason) => not_run_subject(&launcher, &reason, opts),
                 None => subject(&launcher, &env, opts, host_probe.as_ref(), progress),
             };
             subjects.push(s);
@@ -228,7 +224,7 @@ const MEMORY_METHOD: &str = "Pss (/proc/PID/smaps_rollup) summed over the instan
      descendants (monitor with the guest RAM it touched; QEMU; the container's processes, the runtime having exited), \
      0.5 s after the instance printed its ready line";
 
-fn not_run_subject(l: &Launcher, reason: &str, env: &Env, opts: &Options) -> Subject {
+fn not_run_subject(l: &Launcher, reason: &str, opts: &Options) -> Subject {
     let mut figures = vec![
         Figure::not_run(key::START, START_TITLE, "ms", l.start_method(), reason.into()),
         Figure::not_run(key::MEMORY, MEMORY_TITLE, "KiB", MEMORY_METHOD.into(), reason.into()),
@@ -243,7 +239,6 @@ fn not_run_subject(l: &Launcher, reason: &str, env: &Env, opts: &Options) -> Sub
         ));
         figures.extend(workload_not_run(reason, opts.seconds()));
     }
-    let _ = env;
     Subject {
         name: l.name(),
         kind: l.kind(),
@@ -683,12 +678,11 @@ fn host_script(env: &Env, mode: Mode, ns: Option<&Netns>) -> Result<(script::Out
     keep.map(|(o, g)| (o, Some(g)))
 }
 
-fn host_baseline(env: &Env, opts: &Options, progress: &dyn Progress) -> Vec<Figure> {
+fn host_baseline(env: &Env, progress: &dyn Progress) -> Vec<Figure> {
     let ns = match Netns::new("host") {
         Ok(n) => n,
         Err(e) => return workload_not_run(&format!("no network namespace for the host baseline: {e}"), env.seconds),
     };
-    let _ = opts;
     let figs = match host_script(env, Mode::Work, Some(&ns)) {
         Ok((out, _guard)) => {
             let (net, http) = clients(Some(&ns.path()), "127.0.0.1", env.seconds);
@@ -716,9 +710,4 @@ fn kill_netns_processes(path: &Path) {
             }
         }
     }
-}
-
-/// Whether an outcome is a measurement (for the tests and the renderers).
-pub fn measured(o: &Outcome) -> bool {
-    matches!(o, Outcome::Measured { .. })
 }
