@@ -111,6 +111,7 @@ pub fn run(a: &LabArgs) -> Result<()> {
         budget_mib: a.budget_mib,
         kvm: std::path::Path::new("/dev/kvm").exists(),
     };
+    isla_lab::host::stop_on_signals()?;
     let stages = 2
         + a.kinds.len() as u64
         + [&a.firecracker, &a.crun, &a.runc, &a.qemu].iter().filter(|p| p.is_some()).count() as u64;

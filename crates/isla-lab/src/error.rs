@@ -19,6 +19,8 @@ pub enum Error {
     Out { path: PathBuf, what: String },
     #[error("rendering {0}: {1}")]
     Render(&'static str, String),
+    #[error("interrupted: every instance started was stopped and removed")]
+    Interrupted,
     #[error("json: {0}")]
     Json(#[from] serde_json::Error),
 }

@@ -8,6 +8,26 @@ use std::time::{Duration, Instant};
 use crate::model::HostInfo;
 use crate::{Error, Result};
 
+/// Set by SIGINT or SIGTERM once [`stop_on_signals`] ran: the lab then winds down, stopping and
+/// removing every instance it started (the instances' drops do that).
+static STOP: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicBool>> = std::sync::OnceLock::new();
+
+/// Makes SIGINT and SIGTERM ask the lab to stop cleanly instead of ending the process (which
+/// would leave containers, QEMU processes and network namespaces behind).
+pub fn stop_on_signals() -> Result<()> {
+    let flag = STOP.get_or_init(Default::default).clone();
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, flag.clone())
+            .map_err(|e| Error::Setup(format!("installing the signal handler: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Whether a stop was asked for.
+pub fn interrupted() -> bool {
+    STOP.get().is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed))
+}
+
 /// Pss of one process in KiB (`/proc/PID/smaps_rollup`); `None` once it is gone.
 pub fn pss_kib(pid: u32) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
@@ -138,6 +158,9 @@ pub fn wait_for_text(
         let s = std::fs::read(file).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
         if s.contains(text) {
             return Ok((start.elapsed(), s));
+        }
+        if interrupted() {
+            return Err("interrupted".into());
         }
         if !alive() {
             let why = telling(&s).map(|l| format!("{l}; ")).unwrap_or_default();

@@ -157,6 +157,9 @@ fn run_in(opts: &Options, progress: &dyn Progress, dir: &Path) -> Result<Parts> 
             continue;
         }
         for launcher in launchers(opts, kind) {
+            if host::interrupted() {
+                return Err(Error::Interrupted);
+            }
             progress.begin(&launcher.name());
             let s = match unavailable(opts, &env, &launcher) {
                 Some(reason) => not_run_subject(&launcher, &reason, opts),
@@ -166,6 +169,9 @@ fn run_in(opts: &Options, progress: &dyn Progress, dir: &Path) -> Result<Parts> 
         }
     }
     drop(sentinel);
+    if host::interrupted() {
+        return Err(Error::Interrupted);
+    }
     Ok((host_baseline, host_probe, subjects))
 }
 
@@ -294,6 +300,10 @@ fn subject(l: &Launcher, env: &Env, opts: &Options, host_probe: Option<&Probe>, 
     let mut notes = Vec::new();
     let mut failure = None;
     for i in 0..opts.runs {
+        if host::interrupted() {
+            failure = Some("interrupted".into());
+            break;
+        }
         progress.note(&format!("{}: start run {}/{}", l.name(), i + 1, opts.runs));
         match start_once(l, env, i) {
             Ok(s) => samples.push(s),
@@ -395,6 +405,9 @@ fn density(l: &Launcher, env: &Env, opts: &Options) -> Vec<Figure> {
         }
         if start.elapsed() >= max_time {
             break format!("time bound ({} s) reached", max_time.as_secs());
+        }
+        if host::interrupted() {
+            break "interrupted".into();
         }
         let mut inst = match l.launch(env, Mode::Probe, 100 + running.len()) {
             Ok(i) => i,
@@ -601,6 +614,9 @@ fn workload(l: &Launcher, env: &Env, progress: &dyn Progress) -> Vec<Figure> {
     let limit = env.boot_limit + Duration::from_secs(8 * env.seconds + 120);
     let mut last_err = String::new();
     for attempt in 1..=2 {
+        if host::interrupted() {
+            break;
+        }
         let mut inst = match l.launch(env, Mode::Work, 200 + attempt) {
             Ok(i) => i,
             Err(e) => return workload_not_run(&format!("the instance did not start: {e}"), env.seconds),
