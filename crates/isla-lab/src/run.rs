@@ -116,10 +116,10 @@ fn run_in(opts: &Options, progress: &dyn Progress, dir: &Path) -> Result<Parts> 
     let needs_guest = opts.kinds.iter().any(|k| *k != Kind::Container);
     let guest = match (&opts.kit, needs_guest) {
         (Ok(kit), true) => {
-            let loader = tools.as_ref().ok().and_then(|(_, files)| tools::loader(files).cloned());
+            let loader = tools.as_ref().ok().and_then(|files| tools::loader(files).cloned());
             let initramfs = tools::guest_initramfs(&kit.initramfs, loader.as_deref(), dir)?;
             let tools_image = match &tools {
-                Ok((_, files)) => Some(tools::tools_image(files, dir)?),
+                Ok(files) => Some(tools::tools_image(files, dir)?),
                 Err(_) => None,
             };
             Some(Guest {
@@ -140,12 +140,12 @@ fn run_in(opts: &Options, progress: &dyn Progress, dir: &Path) -> Result<Parts> 
         seconds: opts.seconds(),
         fio_size: if opts.quick { "32M".into() } else { "128M".into() },
         guest,
-        tools: tools.as_ref().ok().map(|(_, f)| f.clone()),
+        tools: tools.as_ref().ok().cloned(),
         boot_limit: Duration::from_secs(if opts.quick { 120 } else { 240 }),
     };
 
     progress.begin("host: probes and baseline workloads");
-    let host_probe = host_script(&env, Mode::Probe, None).ok().and_then(|(o, _)| o.probe);
+    let host_probe = host_script(&env, Mode::Probe, None).ok().and_then(|(o, _script)| o.probe);
     let host_baseline = match &tools {
         Err(reason) => workload_not_run(reason, opts.seconds()),
         Ok(_) => host_baseline(&env, progress),
@@ -654,8 +654,8 @@ fn workload(l: &Launcher, env: &Env, progress: &dyn Progress) -> Vec<Figure> {
 }
 
 /// Runs `lab.sh` on the host (Work: inside a network namespace of the lab's own) until its ready
-/// line; the output and the namespace (kept alive by the caller while it uses it).
-fn host_script(env: &Env, mode: Mode, ns: Option<&Netns>) -> Result<(script::Output, Option<Guard>)> {
+/// line; the output and the script's process (kept alive by the caller while it uses it).
+fn host_script(env: &Env, mode: Mode, ns: Option<&Netns>) -> Result<(script::Output, Guard)> {
     let dir = host::tempdir_for("host")?;
     let script = dir.join("lab.sh");
     std::fs::write(&script, LAB_SH).map_err(|e| Error::io(&script, e))?;
@@ -691,7 +691,7 @@ fn host_script(env: &Env, mode: Mode, ns: Option<&Netns>) -> Result<(script::Out
     // The servers (httpd, iperf3 -s -D) run in the namespace, detached from the script: deleting
     // the namespace does not end them, so they are found by the namespace and killed later.
     let _ = std::fs::remove_dir_all(&dir);
-    keep.map(|(o, g)| (o, Some(g)))
+    keep
 }
 
 fn host_baseline(env: &Env, progress: &dyn Progress) -> Vec<Figure> {

@@ -39,16 +39,14 @@ pub fn parse_ldd(text: &str) -> BTreeSet<PathBuf> {
         .collect()
 }
 
-/// The tools found on this host and the union of their closures; `Err(reason)` if one is missing.
-pub fn find() -> std::result::Result<(Vec<PathBuf>, BTreeSet<PathBuf>), String> {
-    let mut bins = Vec::new();
+/// The union of the tools' closures on this host; `Err(reason)` if one is missing.
+pub fn find() -> std::result::Result<BTreeSet<PathBuf>, String> {
     let mut files = BTreeSet::new();
     for t in TOOLS {
         let bin = which(t).ok_or_else(|| format!("{t} is not installed (apt-get install sysbench fio iperf3)"))?;
         files.extend(closure(&bin).map_err(|e| e.to_string())?);
-        bins.push(bin);
     }
-    Ok((bins, files))
+    Ok(files)
 }
 
 /// Copies `files` (following symbolic links) under `root` at the same absolute paths.
