@@ -90,7 +90,7 @@ fn workload_table(r: &Results) -> Table {
                 if let (Some(v), Some(h)) = (f.and_then(Figure::median), base.and_then(Figure::median)) {
                     let higher = f.is_some_and(|f| f.higher_is_better);
                     if h > 0.0 && higher {
-                        c.push_str(&format!(" [{:.0}% of host]", v / h * 100.0));
+                        c.push_str(&format!(" [{}% of host]", num(v / h * 100.0)));
                     } else if h > 0.0 {
                         c.push_str(&format!(" [{}x host]", num(v / h)));
                     }
@@ -241,6 +241,34 @@ pub fn terminal(r: &Results) -> String {
     s
 }
 
+/// The report's parts in order, rendered by [`markdown`] and [`html`] alike.
+enum Block {
+    Heading(&'static str),
+    Table(Table),
+    Plots,
+    Methods,
+}
+
+fn blocks(r: &Results) -> Vec<Block> {
+    let mut v = vec![
+        Block::Heading("The comparison table (seed 000), measured"),
+        Block::Table(seed_table(r)),
+        Block::Plots,
+        Block::Heading("Workloads inside each kind against the host"),
+        Block::Table(workload_table(r)),
+    ];
+    let peers = peer_table(r);
+    if !peers.rows.is_empty() {
+        v.push(Block::Heading("Peers (same run, ratios of medians)"));
+        v.push(Block::Table(peers));
+    }
+    v.push(Block::Heading("Isolation, probed inside each kind"));
+    v.push(Block::Table(isolation_table(r)));
+    v.push(Block::Heading("How each figure was measured"));
+    v.push(Block::Methods);
+    v
+}
+
 fn md_table(t: &Table) -> String {
     let esc = |c: &str| c.replace('|', "\\|").replace('\n', " ");
     let mut s = format!("| {} |\n", t.head.iter().map(|c| esc(c)).collect::<Vec<_>>().join(" | "));
@@ -251,27 +279,24 @@ fn md_table(t: &Table) -> String {
     s
 }
 
-/// report.md.
+/// report.md (the plots are in report.html).
 pub fn markdown(r: &Results) -> String {
-    let mut s = format!("# isla lab report\n\n{}\n\n", header(r));
-    s.push_str("## The comparison table (seed 000), measured\n\n");
-    s.push_str(&md_table(&seed_table(r)));
-    s.push_str("\n## Workloads inside each kind against the host\n\n");
-    s.push_str(&md_table(&workload_table(r)));
-    let peers = peer_table(r);
-    if !peers.rows.is_empty() {
-        s.push_str("\n## Peers (same run, ratios of medians)\n\n");
-        s.push_str(&md_table(&peers));
-    }
-    s.push_str("\n## Isolation, probed inside each kind\n\n");
-    s.push_str(&md_table(&isolation_table(r)));
-    s.push_str("\n## How each figure was measured\n\n");
-    for (who, f) in methods(r) {
-        s.push_str(&format!("- **{who}, {}**: {}. *Method:* {}", f.title, f.brief(), f.method));
-        for p in phases_text(f) {
-            s.push_str(&format!("; {p}"));
+    let mut s = format!("# isla lab report\n\n{}\n", header(r));
+    for b in blocks(r) {
+        match b {
+            Block::Heading(h) => s.push_str(&format!("\n## {h}\n\n")),
+            Block::Table(t) => s.push_str(&md_table(&t)),
+            Block::Plots => {}
+            Block::Methods => {
+                for (who, f) in methods(r) {
+                    s.push_str(&format!("- **{who}, {}**: {}. *Method:* {}", f.title, f.brief(), f.method));
+                    for p in phases_text(f) {
+                        s.push_str(&format!("; {p}"));
+                    }
+                    s.push('\n');
+                }
+            }
         }
-        s.push('\n');
     }
     s.push_str("\nEvery raw sample is in `results.json`; the plots are in `report.html`.\n");
     s
@@ -307,39 +332,39 @@ pub fn html(r: &Results) -> Result<String> {
          th{background:#eee}figure{margin:1em 0}li{margin:0.3em 0}.m{color:#555;font-size:13px}</style></head><body>\n",
     );
     s.push_str(&format!("<h1>isla lab report</h1><p>{}</p>\n", esc(&header(r))));
-    s.push_str("<h2>The comparison table (seed 000), measured</h2>\n");
-    s.push_str(&html_table(&seed_table(r)));
-    s.push_str(
-        "<h2>Plots</h2><p>Bars are medians, whiskers span min to max; guests and the host are compared \
-                 on log scales where they differ by orders of magnitude. A bar missing says why.</p>\n",
-    );
-    for p in plot::all(r)? {
-        s.push_str(&format!("<figure>{}</figure>\n", p.svg));
-    }
-    s.push_str("<h2>Workloads inside each kind against the host</h2>\n");
-    s.push_str(&html_table(&workload_table(r)));
-    let peers = peer_table(r);
-    if !peers.rows.is_empty() {
-        s.push_str("<h2>Peers (same run, ratios of medians)</h2>\n");
-        s.push_str(&html_table(&peers));
-    }
-    s.push_str("<h2>Isolation, probed inside each kind</h2>\n");
-    s.push_str(&html_table(&isolation_table(r)));
-    s.push_str("<h2>How each figure was measured</h2><ul>\n");
-    for (who, f) in methods(r) {
-        s.push_str(&format!(
-            "<li><b>{}, {}</b>: {}<div class=\"m\">Method: {}",
-            esc(&who),
-            esc(&f.title),
-            esc(&f.brief()),
-            esc(&f.method)
-        ));
-        for p in phases_text(f) {
-            s.push_str(&format!("<br>{}", esc(&p)));
+    for b in blocks(r) {
+        match b {
+            Block::Heading(h) => s.push_str(&format!("<h2>{}</h2>\n", esc(h))),
+            Block::Table(t) => s.push_str(&html_table(&t)),
+            Block::Plots => {
+                s.push_str(
+                    "<h2>Plots</h2><p>Bars are medians, whiskers span min to max; guests and the host are compared \
+                     on log scales where they differ by orders of magnitude. A bar missing says why.</p>\n",
+                );
+                for p in plot::all(r)? {
+                    s.push_str(&format!("<figure>{}</figure>\n", p.svg));
+                }
+            }
+            Block::Methods => {
+                s.push_str("<ul>\n");
+                for (who, f) in methods(r) {
+                    s.push_str(&format!(
+                        "<li><b>{}, {}</b>: {}<div class=\"m\">Method: {}",
+                        esc(&who),
+                        esc(&f.title),
+                        esc(&f.brief()),
+                        esc(&f.method)
+                    ));
+                    for p in phases_text(f) {
+                        s.push_str(&format!("<br>{}", esc(&p)));
+                    }
+                    s.push_str("</div></li>\n");
+                }
+                s.push_str("</ul>\n");
+            }
         }
-        s.push_str("</div></li>\n");
     }
-    s.push_str("</ul><p>Every raw sample is in <code>results.json</code>.</p></body></html>\n");
+    s.push_str("<p>Every raw sample is in <code>results.json</code>.</p></body></html>\n");
     Ok(s)
 }
 
