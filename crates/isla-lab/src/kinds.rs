@@ -133,6 +133,8 @@ pub struct Instance {
     pub addr: String,
     /// Host processes charged with its memory (each with its descendants).
     pub pids: Vec<u32>,
+    /// Guest RAM size of a VM or microVM, MiB (its mapping is told apart in the memory split).
+    pub guest_ram_mib: Option<u64>,
     main: Option<Guard>,
     /// The monitor's JSON report, written when it stops.
     report: Option<PathBuf>,
@@ -160,6 +162,21 @@ impl Instance {
     /// Host memory charged to it now: Pss of its processes and their descendants, KiB.
     pub fn memory_kib(&self) -> u64 {
         self.pids.iter().map(|p| host::tree_pss_kib(*p)).sum()
+    }
+
+    /// For a guest: (Pss outside the guest RAM mapping, Pss of guest RAM = memory the guest
+    /// touched), KiB, over its processes; descendants count as outside.
+    pub fn memory_split_kib(&self) -> Option<(u64, u64)> {
+        let ram = self.guest_ram_mib? << 20;
+        let is_guest = |start: u64, end: u64| end.saturating_sub(start) >= ram / 10 * 9;
+        let (mut outside, mut guest) = (0, 0);
+        for p in &self.pids {
+            let split = isla_vmm::host::pss_split_of(&format!("/proc/{p}/smaps"), is_guest)?;
+            let own = host::pss_kib(*p).unwrap_or(split.vmm_kib + split.guest_kib);
+            outside += split.vmm_kib + host::tree_pss_kib(*p).saturating_sub(own);
+            guest += split.guest_kib;
+        }
+        Some((outside, guest))
     }
 
     /// Stops it; the monitor's report if it wrote one.
@@ -347,6 +364,7 @@ impl Launcher {
             netns: None,
             addr: "127.0.0.1".into(),
             pids: Vec::new(),
+            guest_ram_mib: None,
             main: None,
             report: None,
             stop: vec![stop],
@@ -443,6 +461,7 @@ impl Launcher {
             netns: work.as_ref().map(|w| w.ns.path()),
             addr: if work.is_some() { GUEST_IP.into() } else { String::new() },
             pids: vec![pid],
+            guest_ram_mib: Some(guest_mib(mode, 128)),
             main: Some(child),
             report: (!matches!(self, Launcher::Firecracker(_))).then_some(report),
             stop: Vec::new(),
@@ -496,6 +515,7 @@ impl Launcher {
                     netns: None,
                     addr: String::new(),
                     pids: vec![child.pid()],
+                    guest_ram_mib: Some(guest_mib(mode, 256)),
                     main: Some(child),
                     report: None,
                     stop: Vec::new(),
@@ -550,6 +570,7 @@ impl Launcher {
                     netns: None,
                     addr: String::new(),
                     pids: Vec::new(),
+                    guest_ram_mib: Some(guest_mib(mode, 256)),
                     main: None,
                     report: None,
                     stop,

@@ -165,13 +165,8 @@ fn phases_text(f: &Figure) -> Vec<String> {
         Outcome::Measured { phases, notes, .. } => phases
             .iter()
             .map(|p| {
-                format!(
-                    "phase {}: {} ms ({}-{})",
-                    p.name,
-                    num(p.summary.median),
-                    num(p.summary.min),
-                    num(p.summary.max)
-                )
+                let (m, lo, hi) = (num(p.summary.median), num(p.summary.min), num(p.summary.max));
+                format!("part {}: {m} {} ({lo}-{hi})", p.name, f.unit)
             })
             .chain(notes.iter().cloned())
             .collect(),

@@ -228,7 +228,8 @@ const START_TITLE: &str = "start time (command to workload ready)";
 const MEMORY_TITLE: &str = "base memory of one idle instance";
 const MEMORY_METHOD: &str = "Pss (/proc/PID/smaps_rollup) summed over the instance's host processes and their \
      descendants (monitor with the guest RAM it touched; QEMU; the container's processes, the runtime having exited), \
-     0.5 s after the instance printed its ready line";
+     0.5 s after the instance printed its ready line; for guests split by /proc/PID/smaps into the guest RAM mapping \
+     and the rest";
 
 fn not_run_subject(l: &Launcher, reason: &str, opts: &Options) -> Subject {
     let mut figures = vec![
@@ -259,6 +260,8 @@ struct StartSample {
     total_ms: f64,
     phases: Vec<(String, f64)>,
     memory_kib: u64,
+    /// Guests: (outside guest RAM, guest RAM touched), KiB.
+    memory_split: Option<(u64, u64)>,
     output: script::Output,
 }
 
@@ -272,6 +275,7 @@ fn start_once(l: &Launcher, env: &Env, idx: usize) -> std::result::Result<StartS
     }
     std::thread::sleep(Duration::from_millis(500));
     let memory_kib = inst.memory_kib();
+    let memory_split = inst.memory_split_kib();
     if let Some(report) = inst.stop() {
         for (name, ptr) in [
             ("process start -> boot start", "/phases/vmm_start_to_boot_start_ms"),
@@ -287,7 +291,7 @@ fn start_once(l: &Launcher, env: &Env, idx: usize) -> std::result::Result<StartS
             phases.push(("init's boot marker -> ready (lab.sh probes)".into(), total_ms - marker));
         }
     }
-    Ok(StartSample { total_ms, phases, memory_kib, output: script::parse(&log) })
+    Ok(StartSample { total_ms, phases, memory_kib, memory_split, output: script::parse(&log) })
 }
 
 /// A failure text without the digits (time stamps, addresses), to compare two failures.
@@ -352,6 +356,9 @@ fn subject(l: &Launcher, env: &Env, opts: &Options, host_probe: Option<&Probe>, 
     if let (Some(f), false) = (&failure, samples.is_empty()) {
         start = start.with_note(format!("stopped early: {f}"));
     }
+    let split = |f: fn(&(u64, u64)) -> u64| -> Vec<f64> {
+        samples.iter().filter_map(|s| s.memory_split.as_ref().map(|p| f(p) as f64)).collect()
+    };
     let memory = Figure::from_samples(
         key::MEMORY,
         MEMORY_TITLE,
@@ -359,7 +366,9 @@ fn subject(l: &Launcher, env: &Env, opts: &Options, host_probe: Option<&Probe>, 
         MEMORY_METHOD.into(),
         samples.iter().map(|s| s.memory_kib as f64).filter(|m| *m > 0.0).collect(),
         &reason,
-    );
+    )
+    .with_phase(Phase::new("monitor or QEMU process, outside guest RAM", split(|p| p.0)))
+    .with_phase(Phase::new("guest RAM the guest touched", split(|p| p.1)));
     let isolation = match (samples.first().and_then(|s| s.output.probe.clone()), host_probe) {
         (Some(p), Some(h)) => Isolation::Probed {
             rows: script::compare(&p, h),
