@@ -98,28 +98,38 @@ impl Drop for Guard {
 
 /// Runs `cmd` to its end, killing it after `limit`; stdout and stderr are collected.
 pub fn run_bounded(cmd: &mut Command, limit: Duration) -> Result<Output> {
-    let what = format!("{:?}", cmd.get_program());
     let dir = tempdir_for("run")?;
     let (out_path, err_path) = (dir.join("stdout"), dir.join("stderr"));
     let io = |p: &Path| std::fs::File::create(p).map_err(|e| Error::io(p, e));
     cmd.stdin(Stdio::null()).stdout(io(&out_path)?).stderr(io(&err_path)?);
-    let mut child = Guard(cmd.spawn().map_err(|e| Error::Spawn(what.clone(), e))?);
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.ended() {
-            break s;
-        }
-        if start.elapsed() > limit {
-            drop(child);
+    let status = match status_bounded(cmd, limit) {
+        Ok(s) => s,
+        Err(e) => {
             let _ = std::fs::remove_dir_all(&dir);
-            return Err(Error::Timeout(format!("{what} still running after {} s", limit.as_secs())));
+            return Err(e);
         }
-        std::thread::sleep(Duration::from_millis(5));
     };
     let read = |p: &Path| std::fs::read(p).unwrap_or_default();
     let out = Output { status, stdout: read(&out_path), stderr: read(&err_path) };
     let _ = std::fs::remove_dir_all(&dir);
     Ok(out)
+}
+
+/// Runs `cmd` (its standard streams as the caller set them) to its end; killed (with its
+/// descendants) after `limit`.
+pub fn status_bounded(cmd: &mut Command, limit: Duration) -> Result<std::process::ExitStatus> {
+    let what = format!("{:?}", cmd.get_program());
+    let mut child = Guard(cmd.spawn().map_err(|e| Error::Spawn(what.clone(), e))?);
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.ended() {
+            return Ok(s);
+        }
+        if start.elapsed() > limit {
+            return Err(Error::Timeout(format!("{what} still running after {} s", limit.as_secs())));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
 
 /// Runs a command that must succeed within `limit`; its stdout.

@@ -372,7 +372,7 @@ impl Launcher {
             _netns: None,
         };
         // Not `output()`: the container keeps the runtime's stdout and stderr open.
-        let status = create.status().map_err(|e| Error::Spawn(format!("{}", bin.display()), e))?;
+        let status = host::status_bounded(&mut create, limit)?;
         if !status.success() {
             let log_text = std::fs::read_to_string(&inst.log).unwrap_or_default();
             return Err(Error::Command(format!("{} create ({status})", bin.display()), host::tail(&log_text, 3)));

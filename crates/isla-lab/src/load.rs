@@ -127,7 +127,13 @@ pub fn iperf3(netns: Option<&Path>, addr: &str, seconds: u64) -> Result<f64, Str
         None => Command::new("iperf3"),
     };
     cmd.args(["-c", addr, "-p", "5201", "-J", "--connect-timeout", "5000", "-t", &seconds.to_string()]);
-    let out = run_bounded(&mut cmd, Duration::from_secs(seconds + 30)).map_err(|e| e.to_string())?;
+    let limit = seconds + 30;
+    let out = run_bounded(&mut cmd, Duration::from_secs(limit)).map_err(|e| match e {
+        crate::Error::Timeout(_) => {
+            format!("iperf3 -c -t {seconds} had not finished after {limit} s (the transfer stalled)")
+        }
+        e => e.to_string(),
+    })?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|_| {
         format!("iperf3 printed no JSON ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim())
     })?;
