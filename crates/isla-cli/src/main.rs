@@ -6,6 +6,7 @@ mod buildrun;
 mod disk;
 mod image;
 mod kit;
+mod lab;
 mod lifecycle;
 mod network;
 mod peer;
@@ -53,6 +54,8 @@ enum Cmd {
     Qemu(qemu::QemuArgs),
     #[command(flatten)]
     Lifecycle(Box<lifecycle::LifecycleCmd>),
+    /// The comparison lab: VMs, containers and microVMs measured side by side, with a report.
+    Lab(Box<lab::LabArgs>),
 }
 
 #[derive(Subcommand)]
@@ -246,6 +249,7 @@ fn main() -> ExitCode {
         Cmd::Network(a) => network::run(a).map(|()| 0),
         Cmd::Qemu(a) => qemu::run(a),
         Cmd::Lifecycle(c) => lifecycle::run(c),
+        Cmd::Lab(a) => lab::run(a).map(|()| 0),
     };
     match result {
         Ok(code) => ExitCode::from(code as u8),
