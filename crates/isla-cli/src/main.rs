@@ -3,6 +3,7 @@
 
 mod bench;
 mod buildrun;
+mod compose;
 mod disk;
 mod image;
 mod kit;
@@ -52,6 +53,8 @@ enum Cmd {
     Network(network::NetworkArgs),
     /// Full VMs driven through QEMU: disks, ISO, VNC, snapshots, linked clones.
     Qemu(qemu::QemuArgs),
+    /// Stack files in the docker-compose format: up, down, ps, logs.
+    Compose(compose::ComposeArgs),
     #[command(flatten)]
     Lifecycle(Box<lifecycle::LifecycleCmd>),
     /// The comparison lab: VMs, containers and microVMs measured side by side, with a report.
@@ -248,6 +251,7 @@ fn main() -> ExitCode {
         Cmd::Build(a) => image::build(a).map(|()| 0),
         Cmd::Network(a) => network::run(a).map(|()| 0),
         Cmd::Qemu(a) => qemu::run(a),
+        Cmd::Compose(a) => compose::run(a),
         Cmd::Lifecycle(c) => lifecycle::run(c),
         Cmd::Lab(a) => lab::run(a).map(|()| 0),
     };

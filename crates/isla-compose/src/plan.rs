@@ -1,0 +1,388 @@
+//! From a [`ComposeFile`] to a [`Plan`]: project and instance names, networks, volumes resolved
+//! against the file's directory, and the services in start order.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use isla_core::{model, InstanceSpec, Kind, Volume};
+use isla_net::{Driver, NetworkSpec};
+
+use crate::file::{ComposeFile, NetworkDef, Service};
+use crate::{Error, Result};
+
+/// Label holding the project an instance belongs to.
+pub const LABEL_PROJECT: &str = "isla.compose.project";
+/// Label holding the service an instance runs.
+pub const LABEL_SERVICE: &str = "isla.compose.service";
+
+/// What `up` makes and `down` removes.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Project name.
+    pub project: String,
+    /// Networks the services use, in name order.
+    pub networks: Vec<PlannedNetwork>,
+    /// Services in start order (dependencies first).
+    pub services: Vec<PlannedService>,
+}
+
+/// One network of the project.
+#[derive(Debug, Clone)]
+pub struct PlannedNetwork {
+    /// Key in the file (`default` for the implicit one).
+    pub key: String,
+    /// The isla network.
+    pub spec: NetworkSpec,
+    /// Made by someone else: `up` requires it, `down` leaves it.
+    pub external: bool,
+}
+
+/// One service and the instance that runs it.
+#[derive(Debug, Clone)]
+pub struct PlannedService {
+    /// Service name.
+    pub service: String,
+    /// The instance (its labels name the project and the service).
+    pub spec: InstanceSpec,
+}
+
+/// Docker's project name rule: lowercase letters, digits, `-` and `_`, starting with a letter
+/// or digit. Other characters of a directory name are dropped.
+pub fn project_name(raw: &str) -> String {
+    let s: String =
+        raw.to_ascii_lowercase().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_').collect();
+    s.trim_start_matches(['-', '_']).to_string()
+}
+
+/// Reads `path` and plans it. The project is `project`, else the file's `name:`, else the name
+/// of the file's directory.
+pub fn load(path: &Path, project: Option<&str>) -> Result<Plan> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Read { file: file.clone(), source })?;
+    let abs = std::path::absolute(path).map_err(|source| Error::Read { file: file.clone(), source })?;
+    let dir = abs.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"));
+    let parsed = parse(&file, &text)?;
+    let project = match (project, &parsed.name) {
+        (Some(p), _) => p.to_string(),
+        (None, Some(n)) => n.clone(),
+        (None, None) => dir.file_name().map(|n| project_name(&n.to_string_lossy())).unwrap_or_default(),
+    };
+    plan(&file, &parsed, &dir, &project)
+}
+
+/// Parses the text of a stack file named `file` (for messages).
+pub fn parse(file: &str, text: &str) -> Result<ComposeFile> {
+    serde_yaml::from_str(text).map_err(|e| {
+        let loc = e.location();
+        Error::Syntax {
+            file: file.to_string(),
+            msg: e.to_string(),
+            line: loc.as_ref().map(|l| l.line()),
+            column: loc.as_ref().map(|l| l.column()),
+        }
+    })
+}
+
+/// Plans a parsed file: `dir` is the file's directory (relative host paths are read against
+/// it). Nothing on the system is looked at or changed.
+pub fn plan(file: &str, f: &ComposeFile, dir: &Path, project: &str) -> Result<Plan> {
+    let invalid = |field: String, msg: String| Error::Invalid { file: file.to_string(), field, msg };
+    if project.is_empty() || project != project_name(project) {
+        return Err(invalid(
+            "project name".into(),
+            format!("`{project}`: use lowercase letters, digits, `-` and `_`, starting with a letter or digit (-p)"),
+        ));
+    }
+    if f.services.is_empty() {
+        return Err(invalid("services".into(), "the file defines no service".into()));
+    }
+    let mut networks: BTreeMap<String, PlannedNetwork> = BTreeMap::new();
+    let mut services = BTreeMap::new();
+    for (name, svc) in &f.services {
+        let field = |f: &str| format!("services.{name}.{f}");
+        let net_key = match svc.networks.0.as_slice() {
+            [] => "default".to_string(),
+            [one] => one.clone(),
+            _ => return Err(invalid(field("networks"), "isla attaches an instance to one network; keep one".into())),
+        };
+        if !networks.contains_key(&net_key) {
+            let def = match f.networks.get(&net_key) {
+                Some(d) => d.as_ref(),
+                None if net_key == "default" => None,
+                None => {
+                    return Err(invalid(
+                        field("networks"),
+                        format!("network `{net_key}` is not defined under the top-level `networks:`"),
+                    ))
+                }
+            };
+            let n = plan_network(project, &net_key, def).map_err(|m| invalid(format!("networks.{net_key}"), m))?;
+            networks.insert(net_key.clone(), n);
+        }
+        let spec = plan_service(project, name, svc, dir, &networks[&net_key].spec.name)
+            .map_err(|(f, m)| invalid(field(f), m))?;
+        for d in &svc.depends_on.0 {
+            if !f.services.contains_key(d) {
+                return Err(invalid(field("depends_on"), format!("there is no service `{d}` in the file")));
+            }
+        }
+        services.insert(name.clone(), spec);
+    }
+    let mut seen = BTreeSet::new();
+    for s in services.values() {
+        if !seen.insert(&s.name) {
+            return Err(invalid("container_name".into(), format!("two services are named `{}`", s.name)));
+        }
+    }
+    let order = start_order(f).map_err(|cycle| Error::Cycle { file: file.to_string(), cycle })?;
+    let services =
+        order.into_iter().filter_map(|s| services.remove(&s).map(|spec| PlannedService { service: s, spec })).collect();
+    Ok(Plan { project: project.to_string(), networks: networks.into_values().collect(), services })
+}
+
+fn plan_network(project: &str, key: &str, def: Option<&NetworkDef>) -> std::result::Result<PlannedNetwork, String> {
+    let none = NetworkDef::default();
+    let def = def.unwrap_or(&none);
+    let driver = match (def.driver.as_deref(), def.internal) {
+        (None | Some("bridge" | "nat"), false) => Driver::Nat,
+        (None | Some("bridge" | "nat" | "host-only"), true) | (Some("host-only"), false) => Driver::HostOnly,
+        (Some(d), _) => return Err(format!("driver `{d}` is not supported; use bridge (NAT) or host-only")),
+    };
+    let name = match (&def.name, def.external) {
+        (Some(n), _) => n.clone(),
+        (None, true) => key.to_string(),
+        (None, false) => format!("{project}_{key}"),
+    };
+    Ok(PlannedNetwork { key: key.to_string(), spec: NetworkSpec::new(name, driver), external: def.external })
+}
+
+/// The instance of one service; errors are (field, message).
+fn plan_service(
+    project: &str,
+    name: &str,
+    svc: &Service,
+    dir: &Path,
+    network: &str,
+) -> std::result::Result<InstanceSpec, (&'static str, String)> {
+    let kind = svc.kind.unwrap_or(Kind::Container);
+    let image = svc.image.clone().ok_or(("image", "every service needs an image (build: is not supported)".into()))?;
+    let instance = svc.container_name.clone().unwrap_or_else(|| format!("{project}-{name}-1"));
+    model::check_name(&instance).map_err(|e| ("container_name", e.to_string()))?;
+    let mut s = InstanceSpec::container(instance, image);
+    s.kind = kind;
+    s.command = svc.entrypoint.iter().chain(&svc.command).flat_map(|w| w.0.iter().cloned()).collect();
+    s.env = resolve_env(&svc.environment.0);
+    s.workdir = svc.working_dir.clone();
+    s.ports = svc.ports.iter().map(|p| p.0).collect();
+    s.volumes = svc
+        .volumes
+        .iter()
+        .map(|v| Volume { host: dir.join(&v.host), guest: v.guest.clone(), readonly: v.readonly })
+        .map(|mut v| {
+            v.host = normalize(&v.host);
+            v
+        })
+        .collect();
+    let limits = svc.deploy.as_ref().and_then(|d| d.resources.as_ref()).and_then(|r| r.limits.as_ref());
+    s.cpus = limits.and_then(|l| l.cpus);
+    s.memory = limits.and_then(|l| l.memory);
+    s.restart = svc.restart.map(|r| r.0).unwrap_or_default();
+    s.network = Some(network.to_string());
+    for (k, v) in &svc.labels.0 {
+        s.labels.insert(k.clone(), v.clone().unwrap_or_default());
+    }
+    s.labels.insert(LABEL_PROJECT.into(), project.into());
+    s.labels.insert(LABEL_SERVICE.into(), name.into());
+    s.validate().map_err(|e| ("", e.to_string()))?;
+    Ok(s)
+}
+
+/// `KEY=VALUE` settings; a key without a value takes the caller's value, or is left out when
+/// the caller has none (as docker compose does).
+fn resolve_env(env: &[(String, Option<String>)]) -> Vec<String> {
+    env.iter()
+        .filter_map(|(k, v)| match v {
+            Some(v) => Some(format!("{k}={v}")),
+            None => std::env::var(k).ok().map(|v| format!("{k}={v}")),
+        })
+        .collect()
+}
+
+/// Drops `.` and folds `..` components, so that `/srv/stack/./html` is `/srv/stack/html`.
+fn normalize(p: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Service names, dependencies first, otherwise in name order; a cycle is returned as
+/// `a -> b -> a`.
+fn start_order(f: &ComposeFile) -> std::result::Result<Vec<String>, String> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        Visiting,
+        Done,
+    }
+    fn visit<'a>(
+        f: &'a ComposeFile,
+        name: &'a str,
+        marks: &mut BTreeMap<&'a str, Mark>,
+        path: &mut Vec<&'a str>,
+        out: &mut Vec<String>,
+    ) -> std::result::Result<(), String> {
+        match marks.get(name) {
+            Some(Mark::Done) => return Ok(()),
+            Some(Mark::Visiting) => {
+                let from = path.iter().position(|p| *p == name).unwrap_or(0);
+                let mut cycle: Vec<&str> = path[from..].to_vec();
+                cycle.push(name);
+                return Err(cycle.join(" -> "));
+            }
+            None => {}
+        }
+        marks.insert(name, Mark::Visiting);
+        path.push(name);
+        if let Some(s) = f.services.get(name) {
+            for d in &s.depends_on.0 {
+                visit(f, d, marks, path, out)?;
+            }
+        }
+        path.pop();
+        marks.insert(name, Mark::Done);
+        out.push(name.to_string());
+        Ok(())
+    }
+    let mut marks = BTreeMap::new();
+    let mut out = Vec::new();
+    for name in f.services.keys() {
+        visit(f, name, &mut marks, &mut Vec::new(), &mut out)?;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan_of(text: &str) -> Result<Plan> {
+        let f = parse("compose.yaml", text)?;
+        plan("compose.yaml", &f, Path::new("/srv/stack"), "demo")
+    }
+
+    #[test]
+    fn full_service_is_planned() {
+        let p = plan_of(
+            r#"
+services:
+  web:
+    image: busybox
+    command: httpd -f -p 80 -h "/www"
+    ports: ["8080:80", 9000:90]
+    volumes: ["./html:/www:ro", "/data:/data"]
+    environment: {A: 1, B: "two"}
+    depends_on: [db]
+    deploy: {resources: {limits: {cpus: '0.5', memory: 64m}}}
+    restart: on-failure:3
+    networks: [front]
+  db:
+    image: busybox
+    kind: microvm
+    entrypoint: ["sleep"]
+    command: ["1000"]
+    environment: ["X=y"]
+    container_name: the-db
+networks:
+  front:
+    driver: bridge
+"#,
+        )
+        .unwrap();
+        let names: Vec<_> = p.services.iter().map(|s| s.service.as_str()).collect();
+        assert_eq!(names, ["db", "web"]);
+        let web = &p.services[1].spec;
+        assert_eq!(web.name, "demo-web-1");
+        assert_eq!(web.command, ["httpd", "-f", "-p", "80", "-h", "/www"]);
+        assert_eq!(
+            web.ports.iter().map(|p| (p.host_port, p.container_port)).collect::<Vec<_>>(),
+            [(8080, 80), (9000, 90)]
+        );
+        assert_eq!(web.volumes[0], Volume { host: "/srv/stack/html".into(), guest: "/www".into(), readonly: true });
+        assert!(!web.volumes[1].readonly);
+        assert_eq!(web.env, ["A=1", "B=two"]);
+        assert_eq!((web.cpus, web.memory), (Some(0.5), Some(64 << 20)));
+        assert_eq!(web.restart, isla_core::RestartPolicy::OnFailure { max: 3 });
+        assert_eq!(web.network.as_deref(), Some("demo_front"));
+        assert_eq!(web.labels[LABEL_PROJECT], "demo");
+        assert_eq!(web.labels[LABEL_SERVICE], "web");
+        let db = &p.services[0].spec;
+        assert_eq!((db.name.as_str(), db.kind), ("the-db", Kind::Microvm));
+        assert_eq!(db.command, ["sleep", "1000"]);
+        assert_eq!(db.network.as_deref(), Some("demo_default"));
+        let nets: Vec<_> = p.networks.iter().map(|n| (n.spec.name.as_str(), n.spec.driver)).collect();
+        assert_eq!(nets, [("demo_default", Driver::Nat), ("demo_front", Driver::Nat)]);
+    }
+
+    #[test]
+    fn unknown_field_names_line_and_field() {
+        let e = plan_of("services:\n  web:\n    image: busybox\n    healthcheck: {}\n").unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("healthcheck") && msg.contains("line 4"), "{msg}");
+        assert!(matches!(e, Error::Syntax { line: Some(4), .. }), "{e:?}");
+        let e = plan_of("services:\n  web:\n    image: busybox\n    ports: [\"80:80:80:80\"]\n").unwrap_err();
+        assert!(e.to_string().contains("services.web.ports") && e.to_string().contains("line 4"), "{e}");
+    }
+
+    #[test]
+    fn malformed_yaml_names_line_and_column() {
+        let e = plan_of("services:\n  web:\n    image: [busybox\n").unwrap_err();
+        assert!(matches!(e, Error::Syntax { line: Some(_), column: Some(_), .. }), "{e:?}");
+        assert!(e.to_string().contains("line"), "{e}");
+    }
+
+    #[test]
+    fn cycles_and_dangling_dependencies_are_refused() {
+        let e = plan_of(
+            "services:\n  a: {image: busybox, depends_on: [b]}\n  b: {image: busybox, depends_on: {c: {condition: service_started}}}\n  c: {image: busybox, depends_on: [a]}\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "compose.yaml: services.*.depends_on: the services depend on each other in a cycle: a -> b -> c -> a"
+        );
+        let e = plan_of("services:\n  a: {image: busybox, depends_on: [zz]}\n").unwrap_err();
+        assert!(e.to_string().contains("services.a.depends_on") && e.to_string().contains("zz"), "{e}");
+    }
+
+    #[test]
+    fn unsupported_forms_are_explained() {
+        for (text, want) in [
+            ("services:\n  a: {image: busybox, volumes: [\"data:/data\"]}\n", "named volumes"),
+            ("services:\n  a: {image: busybox, networks: [x, y]}\nnetworks: {x: , y: }\n", "one network"),
+            ("services:\n  a: {image: busybox, networks: [x]}\n", "not defined"),
+            ("services:\n  a: {build: .}\n", "unknown field `build`"),
+            ("services:\n  a: {image: busybox, restart: sometimes}\n", "sometimes"),
+            ("services:\n  a: {image: busybox, depends_on: {b: {condition: service_healthy}}}\n  b: {image: busybox}\n", "health"),
+            ("services:\n  a: {image: busybox, container_name: x}\n  b: {image: busybox, container_name: x}\n", "two services"),
+            ("services: {}\n", "no service"),
+        ] {
+            let e = plan_of(text).unwrap_err().to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn project_names_follow_docker() {
+        assert_eq!(project_name("My Stack.v2"), "mystackv2");
+        assert_eq!(project_name("_x-Y"), "x-y");
+        let f = parse("c", "services: {a: {image: busybox}}").unwrap();
+        assert!(plan("c", &f, Path::new("/"), "Bad").is_err());
+    }
+}
