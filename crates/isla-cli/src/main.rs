@@ -3,6 +3,7 @@
 
 mod bench;
 mod buildrun;
+mod daemon;
 mod disk;
 mod image;
 mod kit;
@@ -51,6 +52,8 @@ enum Cmd {
     Network(network::NetworkArgs),
     /// Full VMs driven through QEMU: disks, ISO, VNC, snapshots, linked clones.
     Qemu(qemu::QemuArgs),
+    /// The REST API (unix socket, or TCP with a token): instances, events, Prometheus metrics.
+    Daemon(daemon::DaemonArgs),
     #[command(flatten)]
     Lifecycle(Box<lifecycle::LifecycleCmd>),
 }
@@ -245,6 +248,7 @@ fn main() -> ExitCode {
         Cmd::Build(a) => image::build(a).map(|()| 0),
         Cmd::Network(a) => network::run(a).map(|()| 0),
         Cmd::Qemu(a) => qemu::run(a),
+        Cmd::Daemon(a) => daemon::run(a),
         Cmd::Lifecycle(c) => lifecycle::run(c),
     };
     match result {
