@@ -320,7 +320,7 @@ async fn events(axum::extract::State(st): axum::extract::State<State>) -> Respon
 }
 
 async fn metrics(axum::extract::State(st): axum::extract::State<State>) -> ApiResult<Response> {
-    let text = with_manager(&st, |m| crate::metrics::render(m)).await?;
+    let text = with_manager(&st, crate::metrics::render).await?;
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
 
@@ -416,7 +416,7 @@ mod tests {
         assert_eq!(s.cpus, Some(0.5));
         assert_eq!(s.ports.len(), 1);
         assert_eq!(s.ports[0].host_port, 8080);
-        assert!(s.volumes[0].read_only);
+        assert!(s.volumes[0].readonly);
         assert_eq!(s.restart, "on-failure:2".parse().unwrap());
         assert_eq!(s.labels.get("k").map(String::as_str), Some("v"));
     }

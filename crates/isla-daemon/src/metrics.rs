@@ -42,11 +42,19 @@ fn cgroup_io(id: &str) -> Option<(u64, u64)> {
     Some((r, w))
 }
 
+/// One instance's numbers.
+struct Sample {
+    inst: Instance,
+    stats: Stats,
+    /// Block I/O bytes read and written, where known.
+    io: Option<(u64, u64)>,
+}
+
 struct Family {
     name: &'static str,
     kind: &'static str,
     help: &'static str,
-    value: fn(&Instance, &Stats, Option<(u64, u64)>) -> Option<String>,
+    value: fn(&Sample) -> Option<String>,
 }
 
 const FAMILIES: &[Family] = &[
@@ -54,37 +62,37 @@ const FAMILIES: &[Family] = &[
         name: "isla_instance_cpu_seconds_total",
         kind: "counter",
         help: "CPU time used by the instance",
-        value: |_, s, _| Some(format!("{:.9}", s.cpu_ns as f64 / 1e9)),
+        value: |s| Some(format!("{:.9}", s.stats.cpu_ns as f64 / 1e9)),
     },
     Family {
         name: "isla_instance_memory_bytes",
         kind: "gauge",
         help: "Memory in use (cgroup usage for containers, monitor RSS for VMs)",
-        value: |_, s, _| Some(s.memory.to_string()),
+        value: |s| Some(s.stats.memory.to_string()),
     },
     Family {
         name: "isla_instance_memory_limit_bytes",
         kind: "gauge",
         help: "Memory limit, when one is set",
-        value: |_, s, _| s.memory_limit.map(|l| l.to_string()),
+        value: |s| s.stats.memory_limit.map(|l| l.to_string()),
     },
     Family {
         name: "isla_instance_pids",
         kind: "gauge",
         help: "Processes (containers) or threads (VM monitors)",
-        value: |_, s, _| Some(s.pids.to_string()),
+        value: |s| Some(s.stats.pids.to_string()),
     },
     Family {
         name: "isla_instance_io_read_bytes_total",
         kind: "counter",
         help: "Block I/O bytes read (containers, where the cgroup accounts it)",
-        value: |_, _, io| io.map(|(r, _)| r.to_string()),
+        value: |s| s.io.map(|(r, _)| r.to_string()),
     },
     Family {
         name: "isla_instance_io_write_bytes_total",
         kind: "counter",
         help: "Block I/O bytes written (containers, where the cgroup accounts it)",
-        value: |_, _, io| io.map(|(_, w)| w.to_string()),
+        value: |s| s.io.map(|(_, w)| w.to_string()),
     },
 ];
 
@@ -105,15 +113,16 @@ pub fn render(m: &Manager) -> isla_core::Result<String> {
         match m.stats(&i.id) {
             Ok((inst, s)) => {
                 let io = if inst.spec.kind == Kind::Container { cgroup_io(&inst.id) } else { None };
-                rows.push((inst, s, io));
+                rows.push(Sample { inst, stats: s, io });
             }
             Err(e) => tracing::debug!("metrics: {}: {e}", i.spec.name),
         }
     }
     for f in FAMILIES {
         let _ = writeln!(out, "# HELP {} {}\n# TYPE {} {}", f.name, f.help, f.name, f.kind);
-        for (inst, s, io) in &rows {
-            if let Some(v) = (f.value)(inst, s, *io) {
+        for s in &rows {
+            let inst = &s.inst;
+            if let Some(v) = (f.value)(s) {
                 let _ = writeln!(
                     out,
                     "{}{{name=\"{}\",id=\"{}\",kind=\"{}\"}} {v}",
