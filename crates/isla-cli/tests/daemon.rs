@@ -156,7 +156,11 @@ fn names(list: &Value) -> Vec<String> {
 #[test]
 fn instances_through_the_unix_socket() {
     let lab = Lab::new("api", true);
-    let _d = lab.daemon(&[], &[]);
+    let d = lab.daemon(&[], &[]);
+    // Memory at rest, for docs/daemon.md (printed, not asserted).
+    let rollup = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", d.child.id())).unwrap_or_default();
+    let kb = |k: &str| rollup.lines().find(|l| l.starts_with(k)).unwrap_or_default().to_string();
+    eprintln!("daemon at rest: {} / {}", kb("Rss:"), kb("Pss:"));
     let mode = std::fs::metadata(lab.socket()).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "socket mode {mode:o}");
 
@@ -175,7 +179,7 @@ fn instances_through_the_unix_socket() {
         }
     });
 
-    let body = r#"{"name":"web","image":"busybox","command":["sleep","1000"],"env":["A=1"],"memory":"64m"}"#;
+    let body = r#"{"name":"web","image":"busybox","command":["sh","-c","echo hello $A; exec sleep 1000"],"env":["A=1"],"memory":"64m"}"#;
     let (code, inst) = unix(&lab, "POST", "/v1/instances", body);
     assert_eq!(code, 201, "{inst}");
     assert_eq!(inst["status"]["state"], "running", "{inst}");
@@ -213,6 +217,19 @@ fn instances_through_the_unix_socket() {
     assert!(m.contains("isla_instance_memory_limit_bytes{name=\"web\""), "{m}");
     assert!(m.contains("isla_instances{status=\"running\"} 1"), "{m}");
 
+    // The supervisor copies the output into the log as it comes.
+    let mut logs = Value::Null;
+    for _ in 0..100 {
+        let (code, l) = unix(&lab, "GET", "/v1/instances/web/logs?tail=5", "");
+        assert_eq!(code, 200, "{l}");
+        logs = l;
+        if !logs[0].is_null() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(logs[0]["text"], "hello 1", "{logs}");
+    assert_eq!(logs[0]["stream"], "stdout", "{logs}");
     let (code, e) = unix(&lab, "POST", "/v1/instances/nobody/stop", "");
     assert_eq!(code, 404, "{e}");
     let (code, e) = unix(&lab, "DELETE", "/v1/instances/web", "");
