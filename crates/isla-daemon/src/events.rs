@@ -13,48 +13,59 @@ use serde_json::json;
 use tokio::sync::{broadcast, watch};
 
 /// What the poller remembers of an instance.
-#[derive(PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 struct Seen {
     name: String,
     status: String,
+    exit_code: Option<i32>,
+    kind: &'static str,
 }
 
-fn event(kind: &str, id: &str, name: &str, inst: Option<&Instance>) -> String {
+fn event(kind: &str, id: &str, s: &Seen) -> String {
     let mut v = json!({
         "time": isla_core::proc::now_rfc3339(),
         "type": kind,
         "id": id,
-        "name": name,
+        "name": s.name,
     });
-    if let Some(i) = inst {
-        v["status"] = json!(i.status.to_string());
-        v["exit_code"] = json!(i.exit_code);
-        v["kind"] = json!(i.spec.kind.as_str());
+    if kind != "removed" {
+        v["status"] = json!(s.status);
+        v["exit_code"] = json!(s.exit_code);
+        v["kind"] = json!(s.kind);
     }
     v.to_string()
 }
 
-/// Compares two snapshots: the event lines, oldest state first.
-fn diff(old: &BTreeMap<String, Seen>, now: &[Instance]) -> Vec<String> {
+/// Compares two snapshots: the event lines.
+fn diff(old: &BTreeMap<String, Seen>, now: &BTreeMap<String, Seen>) -> Vec<String> {
     let mut out = Vec::new();
-    for i in now {
-        let status = i.status.to_string();
-        match old.get(&i.id) {
-            None => out.push(event("created", &i.id, &i.spec.name, Some(i))),
-            Some(s) if s.status != status => out.push(event("status", &i.id, &i.spec.name, Some(i))),
+    for (id, s) in now {
+        match old.get(id) {
+            None => out.push(event("created", id, s)),
+            Some(o) if o.status != s.status => out.push(event("status", id, s)),
             Some(_) => {}
         }
     }
     for (id, s) in old {
-        if !now.iter().any(|i| &i.id == id) {
-            out.push(event("removed", id, &s.name, None));
+        if !now.contains_key(id) {
+            out.push(event("removed", id, s));
         }
     }
     out
 }
 
 fn snapshot(now: &[Instance]) -> BTreeMap<String, Seen> {
-    now.iter().map(|i| (i.id.clone(), Seen { name: i.spec.name.clone(), status: i.status.to_string() })).collect()
+    now.iter()
+        .map(|i| {
+            let s = Seen {
+                name: i.spec.name.clone(),
+                status: i.status.to_string(),
+                exit_code: i.exit_code,
+                kind: i.spec.kind.as_str(),
+            };
+            (i.id.clone(), s)
+        })
+        .collect()
 }
 
 /// Starts the poller thread; it ends at shutdown.
@@ -80,13 +91,14 @@ pub fn spawn_poller(
                 }
                 match mgr.list(true) {
                     Ok(now) => {
+                        let now = snapshot(&now);
                         if let Some(old) = &seen {
                             for line in diff(old, &now) {
                                 // No subscriber is fine.
                                 let _ = tx.send(line);
                             }
                         }
-                        seen = Some(snapshot(&now));
+                        seen = Some(now);
                     }
                     Err(e) => {
                         tracing::warn!("events: reading the store: {e}");
@@ -105,32 +117,17 @@ mod tests {
 
     #[test]
     fn diff_reports_new_changed_and_gone_instances() {
-        let mut a = Instance {
-            id: "a1".into(),
-            spec: isla_core::InstanceSpec::container("web", "busybox"),
-            status: isla_core::Status::Created,
-            exit_code: None,
-            pid: None,
-            pid_start: None,
-            supervisor_pid: None,
-            created: String::new(),
-            started: None,
-            finished: None,
-            restart_count: 0,
-            attachment: None,
-            error: None,
-            log_path: PathBuf::new(),
-        };
+        let web =
+            |status: &str, exit_code| Seen { name: "web".into(), status: status.into(), exit_code, kind: "container" };
         let none = BTreeMap::new();
-        let ev = diff(&none, std::slice::from_ref(&a));
+        let one = |s: Seen| BTreeMap::from([("a1".to_string(), s)]);
+        let ev = diff(&none, &one(web("running", None)));
         assert_eq!(ev.len(), 1);
         assert!(ev[0].contains(r#""type":"created""#) && ev[0].contains(r#""name":"web""#), "{ev:?}");
-        let old = snapshot(std::slice::from_ref(&a));
-        assert!(diff(&old, std::slice::from_ref(&a)).is_empty());
-        a.status = isla_core::Status::Exited(3);
-        let ev = diff(&old, std::slice::from_ref(&a));
-        assert!(ev[0].contains(r#""status":"exited (3)""#) && ev[0].contains(r#""exit_code":null"#), "{ev:?}");
-        let ev = diff(&old, &[]);
+        assert!(diff(&one(web("running", None)), &one(web("running", None))).is_empty());
+        let ev = diff(&one(web("running", None)), &one(web("exited (3)", Some(3))));
+        assert!(ev[0].contains(r#""status":"exited (3)""#) && ev[0].contains(r#""exit_code":3"#), "{ev:?}");
+        let ev = diff(&one(web("running", None)), &none);
         assert!(ev[0].contains(r#""type":"removed""#) && ev[0].contains(r#""id":"a1""#), "{ev:?}");
     }
 }
