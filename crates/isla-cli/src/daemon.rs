@@ -44,6 +44,6 @@ pub fn run(a: &DaemonArgs) -> Result<i32> {
         }
         cfg.tcp = Some((addr, token));
     }
-    isla_daemon::run(cfg)?;
+    isla_daemon::serve(cfg)?;
     Ok(0)
 }

@@ -9,7 +9,7 @@
 //! daemon only reaps the supervisors it starts ([`reaper`]) so that they do not linger as
 //! zombies that look alive.
 //!
-//! Main types: [`Config`] (root, socket, optional TCP address and token) and [`run`] (binds,
+//! Main types: [`Config`] (root, socket, optional TCP address and token) and [`serve`] (binds,
 //! then serves until SIGINT/SIGTERM). Routes are in [`api`], the event stream in [`events`],
 //! Prometheus text in [`metrics`].
 //!
@@ -123,7 +123,7 @@ fn bind_unix(path: &Path) -> Result<std::os::unix::net::UnixListener> {
 /// Opens the store (repairing what crashed commands left), binds the sockets, prints one
 /// `listening on ...` line per socket on stdout and serves until SIGINT or SIGTERM; the unix
 /// socket file is removed at the end.
-pub fn run(cfg: Config) -> Result<()> {
+pub fn serve(cfg: Config) -> Result<()> {
     if let Some((_, token)) = &cfg.tcp {
         if token.trim().is_empty() {
             return Err(Error::Config("the TCP token is empty; put a secret in the --token-file".into()));
@@ -151,12 +151,16 @@ pub fn run(cfg: Config) -> Result<()> {
         .enable_all()
         .build()
         .map_err(io("starting the async runtime"))?;
-    let result = rt.block_on(serve(&cfg, unix, tcp));
+    let result = rt.block_on(serve_on(&cfg, unix, tcp));
     let _ = std::fs::remove_file(&cfg.socket);
     result
 }
 
-async fn serve(cfg: &Config, unix: std::os::unix::net::UnixListener, tcp: Option<std::net::TcpListener>) -> Result<()> {
+async fn serve_on(
+    cfg: &Config,
+    unix: std::os::unix::net::UnixListener,
+    tcp: Option<std::net::TcpListener>,
+) -> Result<()> {
     use std::io::Write;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (events, _) = tokio::sync::broadcast::channel(1024);
