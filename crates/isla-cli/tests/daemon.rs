@@ -230,6 +230,12 @@ fn instances_through_the_unix_socket() {
     }
     assert_eq!(logs[0]["text"], "hello 1", "{logs}");
     assert_eq!(logs[0]["stream"], "stdout", "{logs}");
+    let (code, st) = unix(&lab, "GET", "/v1/instances/web/stats", "");
+    assert_eq!(code, 200, "{st}");
+    assert!(st["memory"].as_u64().unwrap() > 0 && st["memory_limit"] == 64 << 20, "{st}");
+    let (code, e) = unix(&lab, "POST", "/v1/instances/web/kill?signal=NOPE", "");
+    assert_eq!(code, 400, "{e}");
+    assert!(e["error"].as_str().unwrap().contains("`signal`"), "{e}");
     let (code, e) = unix(&lab, "POST", "/v1/instances/nobody/stop", "");
     assert_eq!(code, 404, "{e}");
     let (code, e) = unix(&lab, "DELETE", "/v1/instances/web", "");
@@ -241,6 +247,14 @@ fn instances_through_the_unix_socket() {
     let (code, inst) = unix(&lab, "POST", "/v1/instances/web/pause", "");
     assert_eq!((code, &inst["status"]["state"]), (200, &Value::from("paused")), "{inst}");
     let (code, inst) = unix(&lab, "POST", "/v1/instances/web/resume", "");
+    assert_eq!((code, &inst["status"]["state"]), (200, &Value::from("running")), "{inst}");
+    let (code, inst) = unix(&lab, "POST", "/v1/instances/web/kill", "");
+    assert_eq!(
+        (code, &inst["status"]["state"], &inst["exit_code"]),
+        (200, &Value::from("stopped"), &Value::from(137)),
+        "{inst}"
+    );
+    let (code, inst) = unix(&lab, "POST", "/v1/instances/web/restart?t=1", "");
     assert_eq!((code, &inst["status"]["state"]), (200, &Value::from("running")), "{inst}");
     let (code, e) = unix(&lab, "DELETE", "/v1/instances/web?force=1", "");
     assert_eq!(code, 200, "{e}");
@@ -320,4 +334,10 @@ fn tcp_needs_the_token() {
     assert!(body.contains(r#""api":"v1""#), "{body}");
     // The unix socket needs no token.
     assert_eq!(unix(&lab, "GET", "/v1/version", "").0, 200);
+    // SIGTERM: a clean end, the socket file is gone.
+    let mut d = d;
+    assert!(Command::new("kill").args(["-TERM", &d.child.id().to_string()]).status().unwrap().success());
+    let st = d.child.wait().unwrap();
+    assert!(st.success(), "{st:?}");
+    assert!(!lab.socket().exists());
 }

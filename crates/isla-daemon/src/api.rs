@@ -270,10 +270,16 @@ async fn action(
         "stop" => with_manager(&st, move |m| m.stop(&name, timeout)).await?,
         "pause" => with_manager(&st, move |m| m.pause(&name)).await?,
         "resume" | "unpause" => with_manager(&st, move |m| m.resume(&name)).await?,
+        "kill" => {
+            let sig = q.get("signal").map_or("KILL", String::as_str);
+            let sig = isla_container::parse_signal(sig)
+                .map_err(|e| ApiError::bad(format!("query parameter `signal`: {e}")))?;
+            with_manager(&st, move |m| m.kill(&name, sig).and_then(|()| m.get(&name))).await?
+        }
         other => {
             return Err(ApiError {
                 status: StatusCode::NOT_FOUND,
-                msg: format!("no action `{other}`: use start, stop, restart, pause or resume"),
+                msg: format!("no action `{other}`: use start, stop, restart, kill, pause or resume"),
             })
         }
     };
@@ -299,6 +305,21 @@ async fn logs(
             })
             .collect(),
     ))
+}
+
+async fn stats(
+    axum::extract::State(st): axum::extract::State<State>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let (inst, s) = with_manager(&st, move |m| m.stats(&name)).await?;
+    Ok(Json(json!({
+        "id": inst.id,
+        "name": inst.spec.name,
+        "cpu_ns": s.cpu_ns,
+        "memory": s.memory,
+        "memory_limit": s.memory_limit,
+        "pids": s.pids,
+    })))
 }
 
 /// Newline-delimited JSON events until the client goes away or the daemon stops.
@@ -339,6 +360,7 @@ pub fn router(state: State) -> Router {
         .route("/v1/instances", get(list).post(create))
         .route("/v1/instances/{name}", get(inspect).delete(remove))
         .route("/v1/instances/{name}/logs", get(logs))
+        .route("/v1/instances/{name}/stats", get(stats))
         .route("/v1/instances/{name}/{action}", post(action))
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
