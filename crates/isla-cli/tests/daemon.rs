@@ -149,6 +149,42 @@ fn unix(lab: &Lab, method: &str, path: &str, body: &str) -> (u16, Value) {
     (code, serde_json::from_str(&text).unwrap_or(Value::String(text)))
 }
 
+/// The event stream, read by a thread: one line per message.
+fn events(lab: &Lab) -> std::sync::mpsc::Receiver<String> {
+    let mut ev = std::os::unix::net::UnixStream::connect(lab.socket()).unwrap();
+    ev.write_all(b"GET /v1/events HTTP/1.1\r\nHost: isla\r\n\r\n").unwrap();
+    // The headers come once the daemon has subscribed: no later change is missed.
+    ev.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut r = BufReader::new(ev);
+    let mut line = String::new();
+    while r.read_line(&mut line).unwrap() > 0 && line != "\r\n" {
+        assert!(line.starts_with("HTTP/1.1 200") || line.contains(':'), "{line}");
+        line.clear();
+    }
+    r.get_ref().set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in r.lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Lines of the stream up to the first that contains `needle` (at most 20 s).
+fn wait_event(rx: &std::sync::mpsc::Receiver<String>, needle: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    while !seen.iter().any(|l: &String| l.contains(needle)) {
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(l) => seen.push(l),
+            Err(_) => panic!("no event with {needle}; got {seen:?}"),
+        }
+    }
+    seen
+}
+
 fn names(list: &Value) -> Vec<String> {
     list.as_array().unwrap().iter().map(|i| i["spec"]["name"].as_str().unwrap().to_string()).collect()
 }
@@ -164,20 +200,7 @@ fn instances_through_the_unix_socket() {
     let mode = std::fs::metadata(lab.socket()).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "socket mode {mode:o}");
 
-    // The event stream, read in the background.
-    let ev = std::os::unix::net::UnixStream::connect(lab.socket()).unwrap();
-    ev.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let reader = ev.try_clone().unwrap();
-    std::thread::spawn(move || {
-        let mut w = &ev;
-        let _ = w.write_all(b"GET /v1/events HTTP/1.1\r\nHost: isla\r\n\r\n");
-        for line in BufReader::new(reader).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let events = events(&lab);
 
     let body = r#"{"name":"web","image":"busybox","command":["sh","-c","echo hello $A; exec sleep 1000"],"env":["A=1"],"memory":"64m"}"#;
     let (code, inst) = unix(&lab, "POST", "/v1/instances", body);
@@ -263,13 +286,7 @@ fn instances_through_the_unix_socket() {
     assert!(lab.ids().is_empty(), "{:?}", lab.ids());
 
     // The stream saw web appear and go.
-    let mut seen = Vec::new();
-    while !seen.iter().any(|l: &String| l.contains(r#""type":"removed""#)) {
-        match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(l) => seen.push(l),
-            Err(_) => panic!("no removal event; got {seen:?}"),
-        }
-    }
+    let seen = wait_event(&events, r#""type":"removed""#);
     assert!(seen.iter().any(|l| l.contains(r#""type":"created""#) && l.contains(r#""name":"web""#)), "{seen:?}");
 }
 
@@ -299,6 +316,12 @@ fn sigkill_of_the_daemon_keeps_the_store_consistent() {
     assert_eq!(list[0]["status"]["state"], "running", "{list}");
     assert_eq!(lab.ids().len(), 1, "{:?}", lab.ids());
     assert!(lab.isla(&["ps", "-a"]).contains("kept"));
+    // Its supervisor killed: the daemon's poller repairs it and reports it dead.
+    let events = events(&lab);
+    let sup = list[0]["supervisor_pid"].as_i64().unwrap().to_string();
+    assert!(Command::new("kill").args(["-KILL", &sup]).status().unwrap().success());
+    let seen = wait_event(&events, r#""status":"dead""#);
+    assert!(seen.last().unwrap().contains(r#""name":"kept""#), "{seen:?}");
     let (code, e) = unix(&lab, "DELETE", "/v1/instances/kept?force=1", "");
     assert_eq!(code, 200, "{e}");
 }
