@@ -225,11 +225,7 @@ async fn create(axum::extract::State(st): axum::extract::State<State>, body: Byt
         if !start {
             return m.create(spec);
         }
-        let started = m.run(spec, false)?;
-        if let Some(pid) = started.instance.supervisor_pid {
-            reaper.add(pid);
-        }
-        Ok(started.instance)
+        m.run(spec, false).map(|s| reaper.adopt(s))
     })
     .await?;
     Ok((StatusCode::CREATED, Json(inst)).into_response())
@@ -258,12 +254,7 @@ async fn action(
 ) -> ApiResult<Json<Instance>> {
     let timeout = Duration::from_secs(number(&q, "t")?.unwrap_or(10));
     let reaper = st.reaper.clone();
-    let keep = move |s: isla_core::Started| {
-        if let Some(pid) = s.instance.supervisor_pid {
-            reaper.add(pid);
-        }
-        s.instance
-    };
+    let keep = move |s| reaper.adopt(s);
     let inst = match action.as_str() {
         "start" => with_manager(&st, move |m| m.start(&name, false).map(keep)).await?,
         "restart" => with_manager(&st, move |m| m.restart(&name, timeout).map(keep)).await?,

@@ -23,6 +23,14 @@ impl Reaper {
         }
     }
 
+    /// Takes over a just started instance's supervisor: the instance as it started.
+    pub fn adopt(&self, started: isla_core::Started) -> isla_core::Instance {
+        if let Some(pid) = started.instance.supervisor_pid {
+            self.add(pid);
+        }
+        started.instance
+    }
+
     /// Reaps every registered supervisor that has exited; how many are still running.
     pub fn reap(&self) -> usize {
         let Ok(mut pids) = self.pids.lock() else { return 0 };
