@@ -78,58 +78,41 @@ async fn with_manager<T: Send + 'static>(
 /// The body of `POST /v1/instances`: the CLI's `run -d` flags as JSON. Strings use the CLI's
 /// syntax (`ports: ["8080:80"]`, `volumes: ["/h:/g:ro"]`, `memory: "64m"` or a byte count).
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct CreateBody {
     /// Name (default: `i-` and the short id).
-    #[serde(default)]
     pub name: Option<String>,
     /// `container` (default), `microvm` or `vm`.
-    #[serde(default)]
     pub kind: Option<Kind>,
     /// Image (`busybox`, `kit`, ...).
-    #[serde(default)]
     pub image: Option<String>,
     /// Command and arguments.
-    #[serde(default)]
     pub command: Vec<String>,
     /// `KEY=VALUE` settings.
-    #[serde(default)]
     pub env: Vec<String>,
     /// Working directory.
-    #[serde(default)]
     pub workdir: Option<String>,
     /// Published ports, `-p` syntax.
-    #[serde(default)]
     pub ports: Vec<String>,
     /// Bind mounts, `-v` syntax.
-    #[serde(default)]
     pub volumes: Vec<String>,
     /// CPU limit.
-    #[serde(default)]
     pub cpus: Option<f64>,
     /// Memory limit: bytes, or a size like `64m`.
-    #[serde(default)]
     pub memory: Option<serde_json::Value>,
     /// Restart policy, `--restart` syntax.
-    #[serde(default)]
     pub restart: Option<String>,
     /// Network (`none` for none).
-    #[serde(default)]
     pub network: Option<String>,
     /// Labels.
-    #[serde(default)]
     pub labels: BTreeMap<String, String>,
     /// Remove the instance when it exits.
-    #[serde(default)]
     pub auto_remove: bool,
     /// microVM/VM kernel.
-    #[serde(default)]
     pub kernel: Option<PathBuf>,
     /// microVM/VM root file system image.
-    #[serde(default)]
     pub rootfs: Option<PathBuf>,
     /// Start it (default true); false only creates it.
-    #[serde(default)]
     pub start: Option<bool>,
 }
 
