@@ -4,6 +4,7 @@
 mod bench;
 mod buildrun;
 mod compose;
+mod daemon;
 mod disk;
 mod image;
 mod kit;
@@ -55,6 +56,8 @@ enum Cmd {
     Qemu(qemu::QemuArgs),
     /// Stack files in the docker-compose format: up, down, ps, logs.
     Compose(compose::ComposeArgs),
+    /// The REST API (unix socket, or TCP with a token): instances, events, Prometheus metrics.
+    Daemon(daemon::DaemonArgs),
     #[command(flatten)]
     Lifecycle(Box<lifecycle::LifecycleCmd>),
     /// The comparison lab: VMs, containers and microVMs measured side by side, with a report.
@@ -252,6 +255,7 @@ fn main() -> ExitCode {
         Cmd::Network(a) => network::run(a).map(|()| 0),
         Cmd::Qemu(a) => qemu::run(a),
         Cmd::Compose(a) => compose::run(a),
+        Cmd::Daemon(a) => daemon::run(a),
         Cmd::Lifecycle(c) => lifecycle::run(c),
         Cmd::Lab(a) => lab::run(a).map(|()| 0),
     };
