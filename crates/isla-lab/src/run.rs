@@ -473,7 +473,9 @@ fn fio_method(name: &str, seconds: u64) -> String {
     format!(
         "fio --rw={rw} --bs={bs} --ioengine=psync --direct=1 --time_based --runtime={seconds} on the instance's disk (host: a \
          file in the lab's directory; container: a file in its root file system; guests: a raw virtio disk backed by a \
-         host file)"
+         host file). Direct I/O bypasses the page cache of the system that runs fio only: a guest's virtual disk is a \
+         buffered host file (QEMU's default cache=writeback; isla's block device), so a guest can read from the \
+         host's page cache where the host's own direct I/O cannot, and beat it"
     )
 }
 
