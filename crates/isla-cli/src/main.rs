@@ -6,6 +6,7 @@ mod buildrun;
 mod compose;
 mod daemon;
 mod disk;
+mod docs;
 mod image;
 mod kit;
 mod lab;
@@ -62,6 +63,10 @@ enum Cmd {
     Lifecycle(Box<lifecycle::LifecycleCmd>),
     /// The comparison lab: VMs, containers and microVMs measured side by side, with a report.
     Lab(Box<lab::LabArgs>),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(docs::CompletionsArgs),
+    /// Write man pages for isla and every subcommand.
+    Man(docs::ManArgs),
 }
 
 #[derive(Subcommand)]
@@ -258,6 +263,8 @@ fn main() -> ExitCode {
         Cmd::Daemon(a) => daemon::run(a),
         Cmd::Lifecycle(c) => lifecycle::run(c),
         Cmd::Lab(a) => lab::run(a).map(|()| 0),
+        Cmd::Completions(a) => docs::completions(a).map(|()| 0),
+        Cmd::Man(a) => docs::man(a).map(|()| 0),
     };
     match result {
         Ok(code) => ExitCode::from(code as u8),
