@@ -54,3 +54,15 @@ pub fn tmp(name: &str) -> PathBuf {
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+/// The stdout of an `isla` run that must have succeeded (`args` name it in the failure).
+pub fn expect_ok(args: &[&str], o: Output) -> String {
+    assert!(o.status.success(), "isla {args:?}: {:?}\n{}", o.status, stderr(&o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The stderr of an `isla` run that must have failed.
+pub fn expect_failure(args: &[&str], o: Output) -> String {
+    assert!(!o.status.success(), "isla {args:?} succeeded: {}", String::from_utf8_lossy(&o.stdout));
+    stderr(&o)
+}

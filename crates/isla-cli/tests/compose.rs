@@ -38,15 +38,11 @@ impl Stack {
     }
 
     fn ok(&self, args: &[&str]) -> String {
-        let o = self.isla(args);
-        assert!(o.status.success(), "isla {args:?}: {:?}\n{}", o.status, common::stderr(&o));
-        String::from_utf8_lossy(&o.stdout).into_owned()
+        common::expect_ok(args, self.isla(args))
     }
 
     fn fails(&self, args: &[&str]) -> String {
-        let o = self.isla(args);
-        assert!(!o.status.success(), "isla {args:?} succeeded: {}", String::from_utf8_lossy(&o.stdout));
-        common::stderr(&o)
+        common::expect_failure(args, self.isla(args))
     }
 
     fn sh(&self, cmd: &str) -> String {

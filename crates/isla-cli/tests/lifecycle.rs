@@ -41,16 +41,12 @@ impl Lab {
 
     /// Runs isla and expects success: its stdout.
     fn ok(&self, args: &[&str]) -> String {
-        let o = self.isla(args);
-        assert!(o.status.success(), "isla {args:?}: {:?}\n{}", o.status, common::stderr(&o));
-        String::from_utf8_lossy(&o.stdout).into_owned()
+        common::expect_ok(args, self.isla(args))
     }
 
     /// Runs isla and expects failure: its stderr.
     fn fails(&self, args: &[&str]) -> String {
-        let o = self.isla(args);
-        assert!(!o.status.success(), "isla {args:?} succeeded: {}", String::from_utf8_lossy(&o.stdout));
-        common::stderr(&o)
+        common::expect_failure(args, self.isla(args))
     }
 
     /// A command in the namespace (the "host" of the test).
