@@ -255,15 +255,12 @@ impl Worker {
             return;
         }
         loop {
-            if self.limiter.as_ref().is_some_and(|l| l.is_blocked()) {
-                break;
-            }
-            let Some(chain) = self.queue.pop_or_fail(&self.mem, "blk", &self.interrupt) else { break };
+            let limiter = self.limiter.as_ref();
+            let Some(chain) = self.queue.pop_unless_limited(&self.mem, limiter, "blk", &self.interrupt) else { break };
             let parsed = self.parse(&chain);
-            if let (Some(l), Ok(r)) = (self.limiter.as_mut(), &parsed) {
+            if let Ok(r) = &parsed {
                 let bytes = if matches!(r.kind, req::IN | req::OUT) { r.data_len } else { 0 };
-                if !l.consume(bytes) {
-                    self.queue.undo_pop();
+                if !self.queue.charge_or_undo(self.limiter.as_mut(), bytes) {
                     break;
                 }
             }

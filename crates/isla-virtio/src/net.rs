@@ -346,19 +346,12 @@ impl Worker {
             return;
         }
         loop {
-            if self.tx_limiter.as_ref().is_some_and(|l| l.is_blocked()) {
-                break;
-            }
-            let Some(chain) = self.tx.pop_or_fail(&self.mem, "net", &self.interrupt) else { break };
+            let limiter = self.tx_limiter.as_ref();
+            let Some(chain) = self.tx.pop_unless_limited(&self.mem, limiter, "net", &self.interrupt) else { break };
             let len = chain.readable_len() as usize;
             let well_formed = chain.writable.is_empty() && len > VNET_HDR_LEN && len <= MAX_FRAME;
-            if well_formed {
-                if let Some(l) = self.tx_limiter.as_mut() {
-                    if !l.consume((len - VNET_HDR_LEN) as u64) {
-                        self.tx.undo_pop();
-                        break;
-                    }
-                }
+            if well_formed && !self.tx.charge_or_undo(self.tx_limiter.as_mut(), (len - VNET_HDR_LEN) as u64) {
+                break;
             }
             let sent = well_formed
                 && chain.read_at(&self.mem, 0, &mut self.tx_frame[..len]).is_ok()

@@ -12,6 +12,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::rate_limiter::RateLimiter;
 use crate::{GuestMemory, Interrupt};
 
 /// One buffer of a chain: a range of guest memory.
@@ -201,6 +202,31 @@ impl VirtQueue {
                 None
             }
         }
+    }
+
+    /// [`Self::pop_or_fail`], unless `limiter` is out of tokens: the limiter's timer runs the queue
+    /// again once it refills.
+    pub fn pop_unless_limited(
+        &mut self,
+        mem: &GuestMemory,
+        limiter: Option<&RateLimiter>,
+        device: &str,
+        interrupt: &Arc<Interrupt>,
+    ) -> Option<Chain> {
+        if limiter.is_some_and(|l| l.is_blocked()) {
+            return None;
+        }
+        self.pop_or_fail(mem, device, interrupt)
+    }
+
+    /// Charges `cost` to `limiter` for the chain just popped; when the limiter cannot pay, puts the
+    /// chain back and returns false. Without a limiter every chain is paid for.
+    pub fn charge_or_undo(&mut self, limiter: Option<&mut RateLimiter>, cost: u64) -> bool {
+        let paid = limiter.is_none_or(|l| l.consume(cost));
+        if !paid {
+            self.undo_pop();
+        }
+        paid
     }
 
     /// Puts the last popped chain back (it will be popped again).

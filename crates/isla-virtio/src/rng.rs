@@ -115,16 +115,11 @@ impl Worker {
             return;
         }
         loop {
-            if self.limiter.as_ref().is_some_and(|l| l.is_blocked()) {
-                break;
-            }
-            let Some(chain) = self.queue.pop_or_fail(&self.mem, "rng", &self.interrupt) else { break };
+            let limiter = self.limiter.as_ref();
+            let Some(chain) = self.queue.pop_unless_limited(&self.mem, limiter, "rng", &self.interrupt) else { break };
             let n = if chain.readable.is_empty() { chain.writable_len().min(MAX_FILL as u64) as usize } else { 0 };
-            if let Some(l) = self.limiter.as_mut() {
-                if !l.consume(n as u64) {
-                    self.queue.undo_pop();
-                    break;
-                }
+            if !self.queue.charge_or_undo(self.limiter.as_mut(), n as u64) {
+                break;
             }
             let mut written = 0u32;
             if n > 0 {
