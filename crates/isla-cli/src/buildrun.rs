@@ -15,8 +15,6 @@ use isla_container::oci_spec::runtime::{LinuxNamespaceType, ProcessBuilder, Root
 use isla_image::{Error, Result, RunStep};
 use oci_spec::image::Config;
 
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
 /// [`RunStep`] through `isla runtime run`.
 pub struct ContainerRunner {
     /// The `isla` binary.
@@ -43,11 +41,8 @@ impl RunStep for ContainerRunner {
         }
         let root_dir = std::fs::File::open(rootfs).map_err(|e| fail(format!("{}: {e}", rootfs.display())))?;
         let (uid, gid) = isla_image::run::resolve_user(&root_dir, config.user().as_deref().unwrap_or(""))?;
-        let cwd = config.working_dir().clone().filter(|w| !w.is_empty()).unwrap_or_else(|| "/".into());
-        let mut env = config.env().clone().unwrap_or_default();
-        if !env.iter().any(|e| e.starts_with("PATH=")) {
-            env.push(format!("PATH={DEFAULT_PATH}"));
-        }
+        let cwd = isla_image::run::step_workdir(config);
+        let env = isla_image::run::step_env(config);
 
         let mut spec = isla_container::spec::default_spec(false);
         let user = UserBuilder::default().uid(uid).gid(gid).build().map_err(|e| fail(e.to_string()))?;

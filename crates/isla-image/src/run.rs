@@ -34,6 +34,20 @@ pub trait RunStep {
 pub struct ChrootRunner;
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The working directory a RUN step starts in: the image's WORKDIR, `/` without one.
+pub fn step_workdir(config: &Config) -> String {
+    config.working_dir().clone().filter(|w| !w.is_empty()).unwrap_or_else(|| "/".into())
+}
+
+/// The environment of a RUN step: the image's ENV, with the usual PATH when it sets none.
+pub fn step_env(config: &Config) -> Vec<String> {
+    let mut env: Vec<String> = config.env().clone().unwrap_or_default();
+    if !env.iter().any(|e| e.starts_with("PATH=")) {
+        env.push(format!("PATH={DEFAULT_PATH}"));
+    }
+    env
+}
 const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
 
 /// Opens `path` (absolute, inside the image) relative to the root directory `root`, resolving
@@ -141,13 +155,10 @@ impl RunStep for ChrootRunner {
         }
         let root =
             rustix::fs::open(rootfs, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).at(rootfs)?;
-        let workdir = config.working_dir().clone().filter(|w| !w.is_empty()).unwrap_or_else(|| "/".into());
+        let workdir = step_workdir(config);
         mkdir_in_root(&root, &workdir).map_err(|e| fail(format!("creating WORKDIR {workdir}: {e}")))?;
         let (uid, gid) = resolve_user(&root, config.user().as_deref().unwrap_or(""))?;
-        let mut env: Vec<String> = config.env().clone().unwrap_or_default();
-        if !env.iter().any(|e| e.starts_with("PATH=")) {
-            env.push(format!("PATH={DEFAULT_PATH}"));
-        }
+        let env = step_env(config);
         let path_var = env.iter().rev().find_map(|e| e.strip_prefix("PATH=")).unwrap_or(DEFAULT_PATH).to_string();
         let candidates: Vec<String> = if argv[0].contains('/') {
             vec![argv[0].clone()]
