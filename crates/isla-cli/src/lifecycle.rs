@@ -51,7 +51,8 @@ pub struct CreateArgs {
     /// Publish a port: [HOST_IP:]HOST_PORT:PORT[/tcp|udp].
     #[arg(short = 'p', long = "publish", value_name = "PORT")]
     ports: Vec<String>,
-    /// Bind a host directory: /HOST/DIR:/GUEST/DIR[:ro] (the host directory is made if missing).
+    /// Mount a host directory (/HOST/DIR:/GUEST/DIR[:ro], made if missing) or a named volume
+    /// (NAME:/GUEST/DIR[:ro], made on first use; see `isla volume`).
     #[arg(short = 'v', long = "volume", value_name = "VOLUME")]
     volumes: Vec<String>,
     /// Set an environment variable: KEY=VALUE (or KEY to pass this shell's value).
@@ -356,7 +357,7 @@ pub fn run(cmd: &LifecycleCmd) -> Result<i32> {
 }
 
 /// Runs `f` for each name; errors are printed and make the exit code 1, the others still run.
-fn each(names: &[String], mut f: impl FnMut(&str) -> Result<()>) -> Result<i32> {
+pub fn each(names: &[String], mut f: impl FnMut(&str) -> Result<()>) -> Result<i32> {
     let mut code = 0;
     for n in names {
         if let Err(e) = f(n) {

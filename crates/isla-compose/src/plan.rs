@@ -177,7 +177,7 @@ fn plan_service(
     s.volumes = svc
         .volumes
         .iter()
-        .map(|v| Volume { host: dir.join(&v.host), guest: v.guest.clone(), readonly: v.readonly })
+        .map(|v| Volume::bind(dir.join(&v.host), v.guest.clone(), v.readonly))
         .map(|mut v| {
             v.host = normalize(&v.host);
             v
@@ -314,7 +314,7 @@ networks:
             web.ports.iter().map(|p| (p.host_port, p.container_port)).collect::<Vec<_>>(),
             [(8080, 80), (9000, 90)]
         );
-        assert_eq!(web.volumes[0], Volume { host: "/srv/stack/html".into(), guest: "/www".into(), readonly: true });
+        assert_eq!(web.volumes[0], Volume::bind("/srv/stack/html", "/www", true));
         assert!(!web.volumes[1].readonly);
         assert_eq!(web.env, ["A=1", "B=two"]);
         assert_eq!((web.cpus, web.memory), (Some(0.5), Some(64 << 20)));

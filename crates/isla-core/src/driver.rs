@@ -26,6 +26,16 @@ impl Env {
         self.root.join("instances").join(id)
     }
 
+    /// `<root>/volumes/<name>`: a named volume (its files are in `_data`).
+    pub fn volume_dir(&self, name: &str) -> PathBuf {
+        self.root.join("volumes").join(name)
+    }
+
+    /// `<root>/volumes/<name>/_data`: what instances mount.
+    pub fn volume_data(&self, name: &str) -> PathBuf {
+        self.volume_dir(name).join("_data")
+    }
+
     /// The container runtime's state directory.
     pub fn runtime_root(&self) -> PathBuf {
         self.root.join("runtime")

@@ -160,6 +160,12 @@ impl Manager {
         if spec.name.is_empty() {
             spec.name = format!("i-{}", &id[..10]);
         }
+        for v in &mut spec.volumes {
+            if let Some(n) = &v.name {
+                crate::model::check_volume_name(n)?;
+                v.host = self.env.volume_data(n);
+            }
+        }
         spec.validate()?;
         let d = driver(spec.kind)?;
         d.check(&self.env, &spec)?;
