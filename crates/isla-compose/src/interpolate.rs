@@ -35,12 +35,13 @@ pub struct Vars {
 
 impl Vars {
     /// The caller's environment and the `.env` file in `dir` (if there is one).
-    pub fn for_dir(dir: &Path) -> Result<Vars, String> {
+    pub fn for_dir(dir: &Path) -> crate::Result<Vars> {
         let path = dir.join(".env");
+        let err = |msg: String| crate::Error::EnvFile { file: path.display().to_string(), msg };
         let file = match std::fs::read_to_string(&path) {
-            Ok(text) => read_env_file(&text).map_err(|e| format!("{}: {e}", path.display()))?,
+            Ok(text) => read_env_file(&text).map_err(err)?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(e) => return Err(format!("{}: {e}", path.display())),
+            Err(e) => return Err(err(e.to_string())),
         };
         Ok(Vars { file, process_env: true })
     }

@@ -62,6 +62,14 @@ pub enum Error {
         /// What is wrong and how to fix it.
         msg: String,
     },
+    /// The `.env` file beside the stack file cannot be read (the message names the line).
+    #[error("{file}: {msg}")]
+    EnvFile {
+        /// The `.env` file.
+        file: String,
+        /// What is wrong.
+        msg: String,
+    },
     /// `depends_on` goes round in a circle.
     #[error("{file}: services.*.depends_on: the services depend on each other in a cycle: {cycle}")]
     Cycle {

@@ -95,7 +95,7 @@ pub fn load(path: &Path, project: Option<&str>) -> Result<Plan> {
     let text = std::fs::read_to_string(path).map_err(|source| Error::Read { file: file.clone(), source })?;
     let abs = std::path::absolute(path).map_err(|source| Error::Read { file: file.clone(), source })?;
     let dir = abs.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"));
-    let vars = Vars::for_dir(&dir).map_err(|msg| Error::Invalid { file: file.clone(), field: ".env".into(), msg })?;
+    let vars = Vars::for_dir(&dir)?;
     let (parsed, unset) = parse_with(&file, &text, &vars)?;
     let project = match (project, &parsed.name) {
         (Some(p), _) => p.to_string(),
