@@ -44,7 +44,7 @@ pub mod supervise;
 pub mod vm;
 pub mod volume;
 
-pub use driver::{Driver, Env, ExecRequest, Stats};
+pub use driver::{Driver, Env, ExecOutput, ExecRequest, Stats};
 pub use error::{Error, Result};
 pub use isla_container::Signal;
 pub use manager::{driver, Manager, ReconcileReport, Started, DEFAULT_NETWORK, DEFAULT_ROOT};

@@ -12,7 +12,7 @@ use isla_container::Signal;
 use serde::Serialize;
 
 use crate::container::ContainerDriver;
-use crate::driver::{wait_until, Driver, Env, ExecRequest, Stats};
+use crate::driver::{wait_until, Driver, Env, ExecOutput, ExecRequest, Stats};
 use crate::error::{io, sys, Error, Result};
 use crate::microvm::MicrovmDriver;
 use crate::model::{Instance, InstanceSpec, Kind, Status};
@@ -413,8 +413,19 @@ impl Manager {
         crate::logs::read(&driver(inst.spec.kind)?.logs(&inst), tail)
     }
 
-    /// Runs a command in a running instance; its exit code.
+    /// Runs a command in a running instance with this process's stdio; its exit code.
     pub fn exec(&self, what: &str, req: &ExecRequest) -> Result<i32> {
+        let inst = self.exec_target(what, req)?;
+        driver(inst.spec.kind)?.exec(&self.env, &inst, req)
+    }
+
+    /// Runs a command in a running instance; its output and exit code.
+    pub fn exec_output(&self, what: &str, req: &ExecRequest) -> Result<ExecOutput> {
+        let inst = self.exec_target(what, req)?;
+        driver(inst.spec.kind)?.exec_output(&self.env, &inst, req)
+    }
+
+    fn exec_target(&self, what: &str, req: &ExecRequest) -> Result<Instance> {
         let inst = self.get(what)?;
         if inst.status != Status::Running {
             return Err(self.state_err(&inst, "exec needs a running instance"));
@@ -422,7 +433,7 @@ impl Manager {
         if req.args.is_empty() {
             return Err(Error::invalid("exec", "give a command to run"));
         }
-        driver(inst.spec.kind)?.exec(&self.env, &inst, req)
+        Ok(inst)
     }
 
     /// Resource use of a running instance.

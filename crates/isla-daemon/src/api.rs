@@ -260,25 +260,102 @@ async fn action(
     Ok(Json(inst))
 }
 
+/// A log record as JSON (`text` with invalid UTF-8 replaced).
+fn record_json(r: &isla_core::logs::Record) -> serde_json::Value {
+    json!({
+        "time": r.time,
+        "stream": match r.stream { isla_core::logs::Stream::Stdout => "stdout", isla_core::logs::Stream::Stderr => "stderr" },
+        "partial": !r.full,
+        "text": String::from_utf8_lossy(&r.text),
+    })
+}
+
+/// The log as a JSON array; with `follow=1`, NDJSON records streamed (chunked) until the
+/// instance ends, is removed, the client goes or the daemon stops.
 async fn logs(
     axum::extract::State(st): axum::extract::State<State>,
     Path(name): Path<String>,
     Query(q): Query<HashMap<String, String>>,
-) -> ApiResult<Json<Vec<serde_json::Value>>> {
+) -> ApiResult<Response> {
     let tail = number(&q, "tail")?.map(|n| n as usize);
-    let recs = with_manager(&st, move |m| m.logs(&name, tail)).await?;
-    Ok(Json(
-        recs.into_iter()
-            .map(|r| {
-                json!({
-                    "time": r.time,
-                    "stream": match r.stream { isla_core::logs::Stream::Stdout => "stdout", isla_core::logs::Stream::Stderr => "stderr" },
-                    "partial": !r.full,
-                    "text": String::from_utf8_lossy(&r.text),
-                })
-            })
-            .collect(),
-    ))
+    if !flag(&q, "follow")? {
+        let recs = with_manager(&st, move |m| m.logs(&name, tail)).await?;
+        return Ok(Json(recs.iter().map(record_json).collect::<Vec<_>>()).into_response());
+    }
+    // The first part (and an unknown instance's 404) before the stream starts.
+    let (inst, first, offset) = with_manager(&st, move |m| {
+        let inst = m.get(&name)?;
+        let (mut recs, offset) = isla_core::logs::read_from(&inst.log_path, 0)?;
+        if let Some(n) = tail {
+            recs.drain(..isla_core::logs::tail_start(&recs, n));
+        }
+        Ok((inst, recs, offset))
+    })
+    .await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    let (root, helper, stop) = (st.root.clone(), st.helper.clone(), st.shutdown.clone());
+    tokio::task::spawn_blocking(move || follow_log(&root, helper, &inst, first, offset, &tx, &stop));
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
+    });
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response())
+}
+
+/// Sends `first`, then what the log gains, every 200 ms, as NDJSON lines on `tx`, until the
+/// instance is no longer running or paused (its last lines included), is removed, the
+/// receiver is dropped (client gone) or the daemon stops.
+fn follow_log(
+    root: &std::path::Path,
+    helper: PathBuf,
+    inst: &Instance,
+    first: Vec<isla_core::logs::Record>,
+    mut offset: u64,
+    tx: &tokio::sync::mpsc::Sender<Bytes>,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) {
+    let Ok(m) = Manager::open_with_helper(root, helper) else { return };
+    let send = |recs: &[isla_core::logs::Record]| {
+        recs.iter().all(|r| tx.blocking_send(Bytes::from(record_json(r).to_string() + "\n")).is_ok())
+    };
+    if !send(&first) {
+        return;
+    }
+    loop {
+        // Status first, then the log: the last output of an instance that just ended is read.
+        let active = m.get(&inst.id).map(|i| i.status.is_active()).unwrap_or(false);
+        let Ok((recs, next)) = isla_core::logs::read_from(&inst.log_path, offset) else { return };
+        offset = next;
+        if !send(&recs) || !active || *stop.borrow() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The body of `POST /v1/instances/{name}/exec`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExecBody {
+    /// Program and arguments (required).
+    pub command: Vec<String>,
+    /// `KEY=VALUE` settings.
+    pub env: Vec<String>,
+    /// Working directory (containers only).
+    pub workdir: Option<String>,
+}
+
+/// Runs a command in a running instance: `{"exit_code", "stdout", "stderr"}`.
+async fn exec(
+    axum::extract::State(st): axum::extract::State<State>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<isla_core::ExecOutput>> {
+    let b: ExecBody = parse_body(&body)?;
+    if b.command.is_empty() {
+        return Err(ApiError::bad("field `command`: give the program and its arguments, e.g. [\"ls\", \"/\"]"));
+    }
+    let req = isla_core::ExecRequest { args: b.command, env: b.env, workdir: b.workdir, tty: false };
+    Ok(Json(with_manager(&st, move |m| m.exec_output(&name, &req)).await?))
 }
 
 async fn stats(
@@ -335,6 +412,7 @@ pub fn router(state: State) -> Router {
         .route("/v1/instances/{name}", get(inspect).delete(remove))
         .route("/v1/instances/{name}/logs", get(logs))
         .route("/v1/instances/{name}/stats", get(stats))
+        .route("/v1/instances/{name}/exec", post(exec))
         .route("/v1/instances/{name}/{action}", post(action))
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
