@@ -51,7 +51,19 @@ fn named_volumes_outlive_containers_and_are_removed_only_when_unused() {
     let vol = format!("data{}", std::process::id());
     let mount = format!("{vol}:/data");
     // The first container makes the volume and writes to it.
-    r.ok(&["run", "--name", "writer", "--network", "none", "-v", &mount, "busybox", "sh", "-c", "echo hello > /data/f"]);
+    r.ok(&[
+        "run",
+        "--name",
+        "writer",
+        "--network",
+        "none",
+        "-v",
+        &mount,
+        "busybox",
+        "sh",
+        "-c",
+        "echo hello > /data/f",
+    ]);
     // The next one sees the file; read-only mounts refuse writes.
     let ro = format!("{mount}:ro");
     let out = r.ok(&["run", "--rm", "--network", "none", "-v", &ro, "busybox", "cat", "/data/f"]);
