@@ -469,7 +469,7 @@ mod tests {
         assert!(err(r#"{"kind": "zone"}"#).contains("field `kind`"));
         assert!(err(r#"{"name": "a""#).contains("request body"));
         assert!(err(r#"{"ports": ["80:80", "x"]}"#).contains("field `ports[1]`"));
-        assert!(err(r#"{"volumes": ["rel:/x"]}"#).contains("field `volumes[0]`"));
+        assert!(err(r#"{"volumes": ["rel/x:/x"]}"#).contains("field `volumes[0]`"));
         assert!(err(r#"{"memory": "lots"}"#).contains("field `memory`"));
         assert!(err(r#"{"memory": -1}"#).contains("field `memory`"));
         assert!(err(r#"{"cpus": 0}"#).contains("field `cpus`"));
