@@ -105,6 +105,15 @@ fn named_volumes_outlive_containers_and_are_removed_only_when_unused() {
     r.ok(&["rm", "holder"]);
     r.ok(&["volume", "rm", "kept"]);
 
+    // An empty volume is filled with the image's files at the mount path, only once.
+    let etc = ["run", "--rm", "--network", "none", "-v", "etc:/etc", "busybox"];
+    let out = r.ok(&[&etc[..], &["cat", "/etc/passwd"]].concat());
+    assert!(out.starts_with("root:"), "{out}");
+    assert!(r.0.join("volumes/etc/_data/group").exists());
+    r.ok(&[&etc[..], &["rm", "/etc/passwd"]].concat());
+    assert_eq!(r.ok(&[&etc[..], &["ls", "/etc"]].concat()), "group\n");
+    r.ok(&["volume", "rm", "etc"]);
+
     // Bad names, and guests that cannot mount host files.
     let err = r.fails(&["volume", "create", "bad!"]);
     assert!(err.contains("volume name"), "{err}");

@@ -323,9 +323,17 @@ impl Driver for ContainerDriver {
         let image = inst.spec.image.as_deref().unwrap_or_default();
         let rootfs = env.images.prepare_rootfs(image, &inst.id)?;
         let img = isla_image::busybox::resolve_or_make(&env.images, image)?;
+        let empty = crate::volume::empty_named(&inst.spec.volumes)?;
         for v in &inst.spec.volumes {
             std::fs::create_dir_all(&v.host)
                 .map_err(io(format!("-v: creating host directory {}", v.host.display())))?;
+        }
+        if !empty.is_empty() {
+            // Docker's rule: a new container fills an empty named volume with its image's files.
+            rootfs.mount()?;
+            let copied = empty.iter().try_for_each(|v| crate::volume::populate(&rootfs.merged, v));
+            rootfs.unmount()?;
+            copied?;
         }
         let dir = env.instance_dir(&inst.id);
         let spec = bundle_spec(&img, inst, &rootfs.merged)?;
