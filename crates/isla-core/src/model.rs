@@ -133,18 +133,22 @@ impl Volume {
 /// Checks a volume name (Docker's rule: letters, digits, `_`, `.` and `-`, starting with a
 /// letter or digit; isla also caps the length at 128).
 pub fn check_volume_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::invalid(
-            "volume name",
-            format!("`{name}`: use letters, digits, `_`, `.` or `-`, starting with a letter or digit (at most 128)"),
-        ))
+    if docker_name(name, 128) {
+        return Ok(());
     }
+    Err(Error::invalid(
+        "volume name",
+        format!("`{name}`: use letters, digits, `_`, `.` or `-`, starting with a letter or digit (at most 128)"),
+    ))
+}
+
+/// Docker's rule for instance and volume names: 1 to `max` letters, digits, `_`, `.` and `-`,
+/// starting with a letter or digit.
+fn docker_name(name: &str, max: usize) -> bool {
+    !name.is_empty()
+        && name.len() <= max
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
 }
 
 impl FromStr for Volume {
@@ -208,18 +212,13 @@ pub fn parse_cpus(s: &str) -> Result<f64> {
 
 /// Checks an instance name (Docker's rule, and short enough to be a hostname).
 pub fn check_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::invalid(
-            "--name",
-            format!("`{name}`: use 1-63 letters, digits, `_`, `.` or `-`, starting with a letter or digit"),
-        ))
+    if docker_name(name, 63) {
+        return Ok(());
     }
+    Err(Error::invalid(
+        "--name",
+        format!("`{name}`: use 1-63 letters, digits, `_`, `.` or `-`, starting with a letter or digit"),
+    ))
 }
 
 /// Everything the user asked for when creating an instance.
