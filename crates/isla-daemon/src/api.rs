@@ -94,7 +94,7 @@ pub struct CreateBody {
     pub workdir: Option<String>,
     /// Published ports, `-p` syntax.
     pub ports: Vec<String>,
-    /// Bind mounts, `-v` syntax.
+    /// Mounts, `-v` syntax: host directories or named volumes.
     pub volumes: Vec<String>,
     /// CPU limit.
     pub cpus: Option<f64>,
