@@ -68,6 +68,10 @@ enum ComposeCmd {
         /// Only the last N lines of each service.
         #[arg(short = 'n', long)]
         tail: Option<usize>,
+        /// Keep printing new output until no instance of the project (or service) runs (no
+        /// `-f`: that is the stack file here).
+        #[arg(long)]
+        follow: bool,
     },
 }
 
@@ -86,7 +90,7 @@ pub fn run(args: &ComposeArgs) -> Result<i32> {
             down(&open()?, &args.root, &plan, Duration::from_secs(*timeout), *volumes)
         }
         ComposeCmd::Ps { output } => ps(&open()?, &plan, *output),
-        ComposeCmd::Logs { service, tail } => logs(&open()?, &plan, service.as_deref(), *tail),
+        ComposeCmd::Logs { service, tail, follow } => logs(&open()?, &plan, service.as_deref(), *tail, *follow),
     }
 }
 
@@ -277,25 +281,50 @@ fn ps(m: &Manager, plan: &Plan, output: Output) -> Result<i32> {
     Ok(0)
 }
 
-fn logs(m: &Manager, plan: &Plan, service: Option<&str>, tail: Option<usize>) -> Result<i32> {
+fn logs(m: &Manager, plan: &Plan, service: Option<&str>, tail: Option<usize>, follow: bool) -> Result<i32> {
     if let Some(s) = service {
         if !plan.services.iter().any(|p| p.service == s) {
             bail!("there is no service `{s}` in the stack file");
         }
     }
-    let list = instances(m, &plan.project)?;
+    let list: Vec<Instance> = instances(m, &plan.project)?
+        .into_iter()
+        .filter(|i| service.is_none_or(|s| i.spec.labels.get(LABEL_SERVICE).map(String::as_str) == Some(s)))
+        .collect();
     let width = list.iter().map(|i| i.spec.name.len()).max().unwrap_or(0);
     let mut out = std::io::stdout().lock();
-    for i in list {
-        if service.is_some_and(|s| i.spec.labels.get(LABEL_SERVICE).map(String::as_str) != Some(s)) {
-            continue;
-        }
-        for r in m.logs(&i.id, tail)? {
+    let mut print = |i: &Instance, recs: &[isla_core::logs::Record]| -> Result<()> {
+        for r in recs {
             write!(out, "{:<width$} | ", i.spec.name)?;
             out.write_all(&r.text)?;
             if r.full {
                 writeln!(out)?;
             }
+        }
+        Ok(out.flush()?)
+    };
+    let mut offsets = Vec::new();
+    for i in &list {
+        let (mut recs, offset) = m.logs_from(&i.id, 0)?;
+        if let Some(n) = tail {
+            recs.drain(..isla_core::logs::tail_start(&recs, n));
+        }
+        print(i, &recs)?;
+        offsets.push(offset);
+    }
+    while follow {
+        std::thread::sleep(Duration::from_millis(200));
+        let mut running = false;
+        for (i, offset) in list.iter().zip(offsets.iter_mut()) {
+            // Status before the log: the last lines of an instance that just ended are read.
+            let Ok(now) = m.get(&i.id) else { continue };
+            running |= now.status.is_active();
+            let (recs, next) = m.logs_from(&i.id, *offset)?;
+            *offset = next;
+            print(i, &recs)?;
+        }
+        if !running {
+            break;
         }
     }
     Ok(0)

@@ -37,9 +37,15 @@ impl Stack {
 
     /// [`Stack::isla`] with these environment variables set.
     fn isla_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        self.command(args).envs(env.iter().copied()).output().unwrap()
+    }
+
+    /// The command [`Stack::isla`] runs.
+    fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new("nsenter");
         c.arg(self.netns()).arg(env!("CARGO_BIN_EXE_isla")).arg(args[0]).arg("--root").arg(&self.root);
-        c.args(&args[1..]).envs(env.iter().copied()).output().unwrap()
+        c.args(&args[1..]);
+        c
     }
 
     fn ok(&self, args: &[&str]) -> String {
@@ -281,8 +287,14 @@ volumes:
     let want = "bld-app-1 | bonjour from the build\nbld-app-1 | unset $literal\nbld-app-1 | x\nbld-app-1 | x\n";
     assert_eq!(logs(4), want);
 
-    // `down -v` removes the project's volume too.
+    // `logs --follow` follows until the project's instances are gone; `down -v` removes the volume too.
+    let follow =
+        st.command(&c(&["logs", "--follow"])).envs(shell).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
     let out = ok(&["down", "-v", "-t", "0"]);
     assert!(out.contains("volume bld_data removed"), "{out}");
+    let followed = follow.wait_with_output().unwrap();
+    assert!(followed.status.success(), "{followed:?}");
+    assert_eq!(String::from_utf8_lossy(&followed.stdout), want);
     assert_eq!(st.leftovers(), Vec::<String>::new());
 }

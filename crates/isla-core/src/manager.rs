@@ -413,6 +413,13 @@ impl Manager {
         crate::logs::read(&driver(inst.spec.kind)?.logs(&inst), tail)
     }
 
+    /// The log records written after byte `offset`, up to the last complete line, and the
+    /// offset to continue from (`logs --follow`; see [`crate::logs::read_from`]).
+    pub fn logs_from(&self, what: &str, offset: u64) -> Result<(Vec<crate::logs::Record>, u64)> {
+        let inst = self.get(what)?;
+        crate::logs::read_from(&driver(inst.spec.kind)?.logs(&inst), offset)
+    }
+
     /// Runs a command in a running instance with this process's stdio; its exit code.
     pub fn exec(&self, what: &str, req: &ExecRequest) -> Result<i32> {
         let inst = self.exec_target(what, req)?;

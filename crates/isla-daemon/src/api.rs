@@ -285,7 +285,7 @@ async fn logs(
     // The first part (and an unknown instance's 404) before the stream starts.
     let (inst, first, offset) = with_manager(&st, move |m| {
         let inst = m.get(&name)?;
-        let (mut recs, offset) = isla_core::logs::read_from(&inst.log_path, 0)?;
+        let (mut recs, offset) = m.logs_from(&inst.id, 0)?;
         if let Some(n) = tail {
             recs.drain(..isla_core::logs::tail_start(&recs, n));
         }
@@ -323,7 +323,7 @@ fn follow_log(
     loop {
         // Status first, then the log: the last output of an instance that just ended is read.
         let active = m.get(&inst.id).map(|i| i.status.is_active()).unwrap_or(false);
-        let Ok((recs, next)) = isla_core::logs::read_from(&inst.log_path, offset) else { return };
+        let Ok((recs, next)) = m.logs_from(&inst.id, offset) else { return };
         offset = next;
         if !send(&recs) || !active || *stop.borrow() {
             return;
