@@ -260,6 +260,12 @@ fn plan_service(c: &Ctx<'_>, name: &str, svc: &Service) -> std::result::Result<P
         }
         None => None,
     };
+    if kind != Kind::Container && !svc.volumes.is_empty() {
+        return Err((
+            "volumes",
+            format!("a {kind} takes no volumes: host folders and named volumes are not shared into guests (no virtio-fs)"),
+        ));
+    }
     let instance = svc.container_name.clone().unwrap_or_else(|| format!("{}-{name}-1", c.project));
     model::check_name(&instance).map_err(|e| ("container_name", e.to_string()))?;
     let mut s = InstanceSpec::container(instance, image);
@@ -465,6 +471,7 @@ networks:
             ("services:\n  a: {image: busybox, networks: [x]}\n", "not defined"),
             ("services:\n  a: {build: {context: ., target: x}}\n", "unknown field `target`"),
             ("services:\n  a: {build: ., kind: microvm}\n", "only containers"),
+            ("services:\n  a: {image: kit, kind: microvm, volumes: [\"/x:/x\"]}\n", "not shared into guests"),
             ("services:\n  a: {}\n", "an image or a build"),
             ("services:\n  a: {image: busybox, restart: sometimes}\n", "sometimes"),
             ("services:\n  a: {image: busybox, depends_on: {b: {condition: service_healthy}}}\n  b: {image: busybox}\n", "health"),
