@@ -312,7 +312,10 @@ fn logs(m: &Manager, plan: &Plan, service: Option<&str>, tail: Option<usize>, fo
         print(i, &recs)?;
         offsets.push(offset);
     }
-    while follow {
+    if !follow {
+        return Ok(0);
+    }
+    loop {
         std::thread::sleep(Duration::from_millis(200));
         let mut running = false;
         for (i, offset) in list.iter().zip(offsets.iter_mut()) {
@@ -324,8 +327,7 @@ fn logs(m: &Manager, plan: &Plan, service: Option<&str>, tail: Option<usize>, fo
             print(i, &recs)?;
         }
         if !running {
-            break;
+            return Ok(0);
         }
     }
-    Ok(0)
 }

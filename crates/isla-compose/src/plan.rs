@@ -263,7 +263,9 @@ fn plan_service(c: &Ctx<'_>, name: &str, svc: &Service) -> std::result::Result<P
     if kind != Kind::Container && !svc.volumes.is_empty() {
         return Err((
             "volumes",
-            format!("a {kind} takes no volumes: host folders and named volumes are not shared into guests (no virtio-fs)"),
+            format!(
+                "a {kind} takes no volumes: host folders and named volumes are not shared into guests (no virtio-fs)"
+            ),
         ));
     }
     let instance = svc.container_name.clone().unwrap_or_else(|| format!("{}-{name}-1", c.project));

@@ -283,52 +283,75 @@ async fn logs(
         return Ok(Json(recs.iter().map(record_json).collect::<Vec<_>>()).into_response());
     }
     // The first part (and an unknown instance's 404) before the stream starts.
-    let (inst, first, offset) = with_manager(&st, move |m| {
-        let inst = m.get(&name)?;
-        let (mut recs, offset) = m.logs_from(&inst.id, 0)?;
+    let (root, helper) = (st.root.clone(), st.helper.clone());
+    let (m, id, first, offset) = tokio::task::spawn_blocking(move || {
+        let m = Manager::open_with_helper(&root, helper)?;
+        let id = m.get(&name)?.id;
+        let (mut recs, offset) = m.logs_from(&id, 0)?;
         if let Some(n) = tail {
             recs.drain(..isla_core::logs::tail_start(&recs, n));
         }
-        Ok((inst, recs, offset))
+        Ok::<_, isla_core::Error>((m, id, recs, offset))
     })
-    .await?;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
-    let (root, helper, stop) = (st.root.clone(), st.helper.clone(), st.shutdown.clone());
-    tokio::task::spawn_blocking(move || follow_log(&root, helper, &inst, first, offset, &tx, &stop));
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
+    .await
+    .map_err(|e| ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, msg: format!("request task failed: {e}") })??;
+    let follow = Follow { m: Some(m), id, offset, first: Some(ndjson(&first)), done: false, stop: st.shutdown.clone() };
+    let stream = futures_util::stream::unfold(follow, |mut f| async move {
+        f.next().await.map(|b| (Ok::<_, std::convert::Infallible>(b), f))
     });
     Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response())
 }
 
-/// Sends `first`, then what the log gains, every 200 ms, as NDJSON lines on `tx`, until the
-/// instance is no longer running or paused (its last lines included), is removed, the
-/// receiver is dropped (client gone) or the daemon stops.
-fn follow_log(
-    root: &std::path::Path,
-    helper: PathBuf,
-    inst: &Instance,
-    first: Vec<isla_core::logs::Record>,
-    mut offset: u64,
-    tx: &tokio::sync::mpsc::Sender<Bytes>,
-    stop: &tokio::sync::watch::Receiver<bool>,
-) {
-    let Ok(m) = Manager::open_with_helper(root, helper) else { return };
-    let send = |recs: &[isla_core::logs::Record]| {
-        recs.iter().all(|r| tx.blocking_send(Bytes::from(record_json(r).to_string() + "\n")).is_ok())
-    };
-    if !send(&first) {
-        return;
-    }
-    loop {
-        // Status first, then the log: the last output of an instance that just ended is read.
-        let active = m.get(&inst.id).map(|i| i.status.is_active()).unwrap_or(false);
-        let Ok((recs, next)) = m.logs_from(&inst.id, offset) else { return };
-        offset = next;
-        if !send(&recs) || !active || *stop.borrow() {
-            return;
+/// Records as NDJSON lines.
+fn ndjson(recs: &[isla_core::logs::Record]) -> Bytes {
+    Bytes::from(recs.iter().map(|r| record_json(r).to_string() + "\n").collect::<String>())
+}
+
+/// A followed log: what the file gains is read every 200 ms (on the blocking pool, holding no
+/// thread in between) until the instance is no longer running or paused (its last lines
+/// included), is removed, or the daemon stops. A client that goes away drops the stream.
+struct Follow {
+    /// The manager, moved into each blocking read and back.
+    m: Option<Manager>,
+    id: String,
+    offset: u64,
+    first: Option<Bytes>,
+    done: bool,
+    stop: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Follow {
+    /// The next chunk, or None at the end.
+    async fn next(&mut self) -> Option<Bytes> {
+        if let Some(b) = self.first.take() {
+            return Some(b);
         }
-        std::thread::sleep(Duration::from_millis(200));
+        loop {
+            if self.done || *self.stop.borrow() {
+                return None;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = self.stop.changed() => return None,
+            }
+            let (m, id, offset) = (self.m.take()?, self.id.clone(), self.offset);
+            let (m, read) = tokio::task::spawn_blocking(move || {
+                // Status first, then the log: the last output of an instance that just ended
+                // is read.
+                let active = m.get(&id).map(|i| i.status.is_active());
+                let read = active.and_then(|a| Ok((a, m.logs_from(&id, offset)?)));
+                (m, read)
+            })
+            .await
+            .ok()?;
+            self.m = Some(m);
+            let (active, (recs, next)) = read.ok()?;
+            self.offset = next;
+            self.done = !active;
+            if !recs.is_empty() {
+                return Some(ndjson(&recs));
+            }
+        }
     }
 }
 
