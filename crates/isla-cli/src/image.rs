@@ -376,13 +376,15 @@ pub fn build(args: &BuildArgs) -> Result<()> {
 }
 
 fn build_in(store: &Store, args: &BuildArgs) -> Result<()> {
-    let mut build_args = std::collections::BTreeMap::new();
-    for a in &args.build_args {
-        match a.split_once('=') {
-            Some((k, v)) => build_args.insert(k.to_string(), v.to_string()),
-            None => std::env::var(a).ok().and_then(|v| build_args.insert(a.clone(), v)),
-        };
-    }
+    // `NAME` alone passes this shell's value (left out when unset), as Docker does.
+    let build_args = args
+        .build_args
+        .iter()
+        .filter_map(|a| match a.split_once('=') {
+            Some((k, v)) => Some((k.to_string(), v.to_string())),
+            None => std::env::var(a).ok().map(|v| (a.clone(), v)),
+        })
+        .collect();
     build_image(store, &args.context, args.file.as_deref(), args.tag.as_deref(), &build_args)?;
     Ok(())
 }
