@@ -253,6 +253,15 @@ impl Builder<'_> {
                 None => {}
             }
         }
+        if self.verbose {
+            let declared = |k: &str| {
+                instrs.iter().any(|i| i.keyword == "ARG" && i.args.split('=').next().map(str::trim) == Some(k))
+            };
+            let unused: Vec<&str> = build_args.keys().map(String::as_str).filter(|k| !declared(k)).collect();
+            if !unused.is_empty() {
+                eprintln!("warning: build arguments without an ARG in {}: {}", self.file, unused.join(", "));
+            }
+        }
         let mut config = state.config.clone();
         config.rootfs_mut().set_diff_ids(state.layers.iter().map(|l| l.diff_id.to_string()).collect());
         let digest = self.store.commit_image(&config, &state.layers, tag)?;
