@@ -59,16 +59,17 @@ impl From<isla_core::Error> for ApiError {
 type ApiResult<T> = Result<T, ApiError>;
 
 /// Runs `f` with a freshly opened manager on the blocking pool (the manager is blocking). The
-/// open repairs what crashed commands left, as every CLI command does.
+/// open repairs what crashed commands left, as every CLI command does. `f` owns the manager
+/// (a followed log keeps it).
 async fn with_manager<T: Send + 'static>(
     st: &State,
-    f: impl FnOnce(&Manager) -> isla_core::Result<T> + Send + 'static,
+    f: impl FnOnce(Manager) -> isla_core::Result<T> + Send + 'static,
 ) -> ApiResult<T> {
     let (root, helper) = (st.root.clone(), st.helper.clone());
     tokio::task::spawn_blocking(move || {
         let m = Manager::open_with_helper(&root, helper)?;
         m.reconcile()?;
-        f(&m)
+        f(m)
     })
     .await
     .map_err(|e| ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, msg: format!("request task failed: {e}") })?
@@ -283,18 +284,15 @@ async fn logs(
         return Ok(Json(recs.iter().map(record_json).collect::<Vec<_>>()).into_response());
     }
     // The first part (and an unknown instance's 404) before the stream starts.
-    let (root, helper) = (st.root.clone(), st.helper.clone());
-    let (m, id, first, offset) = tokio::task::spawn_blocking(move || {
-        let m = Manager::open_with_helper(&root, helper)?;
+    let (m, id, first, offset) = with_manager(&st, move |m| {
         let id = m.get(&name)?.id;
         let (mut recs, offset) = m.logs_from(&id, 0)?;
         if let Some(n) = tail {
             recs.drain(..isla_core::logs::tail_start(&recs, n));
         }
-        Ok::<_, isla_core::Error>((m, id, recs, offset))
+        Ok((m, id, recs, offset))
     })
-    .await
-    .map_err(|e| ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, msg: format!("request task failed: {e}") })??;
+    .await?;
     let follow = Follow { m: Some(m), id, offset, first: Some(ndjson(&first)), done: false, stop: st.shutdown.clone() };
     let stream = futures_util::stream::unfold(follow, |mut f| async move {
         f.next().await.map(|b| (Ok::<_, std::convert::Infallible>(b), f))
@@ -415,7 +413,7 @@ async fn events(axum::extract::State(st): axum::extract::State<State>) -> Respon
 }
 
 async fn metrics(axum::extract::State(st): axum::extract::State<State>) -> ApiResult<Response> {
-    let text = with_manager(&st, crate::metrics::render).await?;
+    let text = with_manager(&st, |m| crate::metrics::render(&m)).await?;
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
 
