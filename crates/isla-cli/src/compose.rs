@@ -1,7 +1,7 @@
 //! `isla compose up|down|ps|logs`: stack files in the docker-compose format (crate
-//! isla-compose plans them, isla-core's manager and isla-net carry the plan out). A failed `up`
-//! removes what it made itself, newest first; instances and networks that were there before
-//! are left alone.
+//! isla-compose plans them, isla-core's manager and isla-net carry the plan out; services with
+//! `build:` are built with `isla build`'s machinery). A failed `up` removes what it made itself
+//! (instances, networks, named volumes), newest first; what was there before is left alone.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
-use isla_compose::{Plan, LABEL_PROJECT, LABEL_SERVICE};
+use isla_compose::{Plan, PlannedService, LABEL_PROJECT, LABEL_SERVICE};
 use isla_core::{Instance, Manager};
 use isla_net::Networks;
 
@@ -41,10 +41,15 @@ enum ComposeCmd {
         /// Detached: return once every service runs (required: attached mode is not implemented).
         #[arg(short = 'd', long)]
         detach: bool,
+        /// Build the images of services with `build:` even if they exist (and recreate the
+        /// services whose image changed).
+        #[arg(long)]
+        build: bool,
     },
-    /// Stop and remove the project's instances, then its networks.
+    /// Stop and remove the project's instances, then its networks (and with -v its volumes).
     Down {
-        /// Accepted for compatibility: isla compose has only bind mounts, which are never removed.
+        /// Also remove the project's named volumes (not external ones; bind-mounted host
+        /// folders are never removed).
         #[arg(short = 'v', long)]
         volumes: bool,
         /// Seconds to wait after SIGTERM before SIGKILL.
@@ -63,20 +68,29 @@ enum ComposeCmd {
         /// Only the last N lines of each service.
         #[arg(short = 'n', long)]
         tail: Option<usize>,
+        /// Keep printing new output until no instance of the project (or service) runs (no
+        /// `-f`: that is the stack file here).
+        #[arg(long)]
+        follow: bool,
     },
 }
 
 pub fn run(args: &ComposeArgs) -> Result<i32> {
     let plan = isla_compose::load(&args.file, args.project.as_deref())?;
+    for w in &plan.warnings {
+        eprintln!("isla: warning: {}: {w}", args.file.display());
+    }
     let open = || Manager::open(&args.root).with_context(|| format!("opening isla state at {}", args.root.display()));
     match &args.cmd {
-        ComposeCmd::Up { detach: false } => {
+        ComposeCmd::Up { detach: false, .. } => {
             bail!("attached `up` is not implemented; use `isla compose up -d` and `isla compose logs`")
         }
-        ComposeCmd::Up { detach: true } => up(&open()?, &args.root, &plan),
-        ComposeCmd::Down { volumes: _, timeout } => down(&open()?, &args.root, &plan, Duration::from_secs(*timeout)),
+        ComposeCmd::Up { detach: true, build } => up(&open()?, &args.root, &plan, *build),
+        ComposeCmd::Down { volumes, timeout } => {
+            down(&open()?, &args.root, &plan, Duration::from_secs(*timeout), *volumes)
+        }
         ComposeCmd::Ps { output } => ps(&open()?, &plan, *output),
-        ComposeCmd::Logs { service, tail } => logs(&open()?, &plan, service.as_deref(), *tail),
+        ComposeCmd::Logs { service, tail, follow } => logs(&open()?, &plan, service.as_deref(), *tail, *follow),
     }
 }
 
@@ -91,17 +105,19 @@ fn instances(m: &Manager, project: &str) -> Result<Vec<Instance>> {
 /// What an `up` made, to be undone if a later step fails.
 enum Made {
     Network(String),
+    Volume(String),
     Instance(String),
 }
 
-fn up(m: &Manager, root: &std::path::Path, plan: &Plan) -> Result<i32> {
+fn up(m: &Manager, root: &std::path::Path, plan: &Plan, build: bool) -> Result<i32> {
     let nets = Networks::open(root).with_context(|| format!("opening the network state in {}", root.display()))?;
     let mut made = Vec::new();
-    let result = up_steps(m, &nets, plan, &mut made);
+    let result = up_steps(m, &nets, plan, build, &mut made);
     if let Err(e) = result {
         for step in made.iter().rev() {
             let undone = match step {
                 Made::Instance(n) => m.remove(n, true).map(|_| ()).map_err(anyhow::Error::from),
+                Made::Volume(n) => m.volume_remove(n).map_err(anyhow::Error::from),
                 Made::Network(n) => nets.remove(n, true).map_err(anyhow::Error::from),
             };
             if let Err(e2) = undone {
@@ -113,7 +129,31 @@ fn up(m: &Manager, root: &std::path::Path, plan: &Plan) -> Result<i32> {
     Ok(0)
 }
 
-fn up_steps(m: &Manager, nets: &Networks, plan: &Plan, made: &mut Vec<Made>) -> Result<()> {
+/// Builds the image of a service with `build:` when `always` or when the store lacks it;
+/// whether the image changed.
+fn build_service(m: &Manager, s: &PlannedService, always: bool) -> Result<bool> {
+    let (Some(b), Some(image)) = (&s.build, s.spec.image.as_deref()) else { return Ok(false) };
+    let images = &m.env().images;
+    let old = match images.resolve(image) {
+        Ok(_) if !always => return Ok(false),
+        Ok(i) => Some(i.digest),
+        Err(isla_image::Error::NotFound(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    println!("service {}: building {image} from {}", s.service, b.context.display());
+    let r = crate::image::build_image(images, &b.context, b.file.as_deref(), Some(image), &b.args)
+        .with_context(|| format!("service {}: building {image}", s.service))?;
+    Ok(old.as_ref() != Some(&r.digest))
+}
+
+fn up_steps(m: &Manager, nets: &Networks, plan: &Plan, build: bool, made: &mut Vec<Made>) -> Result<()> {
+    // Builds first: a broken Containerfile stops `up` before anything is made.
+    let mut rebuilt = Vec::new();
+    for s in &plan.services {
+        if build_service(m, s, build)? {
+            rebuilt.push(s.service.as_str());
+        }
+    }
     for n in &plan.networks {
         match nets.inspect(&n.spec.name) {
             Ok(_) => {}
@@ -128,6 +168,18 @@ fn up_steps(m: &Manager, nets: &Networks, plan: &Plan, made: &mut Vec<Made>) -> 
             Err(e) => return Err(e.into()),
         }
     }
+    for v in &plan.volumes {
+        if v.external {
+            m.volume_get(&v.name).with_context(|| {
+                format!("volume {} is external but does not exist; make it with `isla volume create`", v.name)
+            })?;
+            continue;
+        }
+        if m.volume_create(&v.name, &v.labels).with_context(|| format!("creating volume {}", v.name))?.1 {
+            made.push(Made::Volume(v.name.clone()));
+            println!("volume {} created", v.name);
+        }
+    }
     for s in &plan.services {
         let name = &s.spec.name;
         let existing = match m.get(name) {
@@ -135,27 +187,35 @@ fn up_steps(m: &Manager, nets: &Networks, plan: &Plan, made: &mut Vec<Made>) -> 
             Err(isla_core::Error::NotFound(_)) => None,
             Err(e) => return Err(e.into()),
         };
+        let create = |made: &mut Vec<Made>| -> Result<()> {
+            m.create(s.spec.clone()).with_context(|| format!("service {}: creating {name}", s.service))?;
+            made.push(Made::Instance(name.clone()));
+            Ok(())
+        };
         match existing {
             Some(i) if i.spec.labels.get(LABEL_PROJECT) != Some(&plan.project) => {
                 bail!("service {}: the name {name} is taken by an instance of another project or of `isla run`; set container_name or remove it", s.service)
             }
-            Some(i) if i.status.is_active() => println!("{name} running"),
-            Some(_) => {
-                m.start(name, false).with_context(|| format!("service {}: starting {name}", s.service))?;
-                println!("{name} started");
+            // A rebuilt image: the old instance goes, a new one runs the new image.
+            Some(_) if rebuilt.contains(&s.service.as_str()) => {
+                m.stop(name, Duration::from_secs(10))?;
+                m.remove(name, true).with_context(|| format!("service {}: removing the old {name}", s.service))?;
+                create(made)?;
             }
-            None => {
-                m.create(s.spec.clone()).with_context(|| format!("service {}: creating {name}", s.service))?;
-                made.push(Made::Instance(name.clone()));
-                m.start(name, false).with_context(|| format!("service {}: starting {name}", s.service))?;
-                println!("{name} started");
+            Some(i) if i.status.is_active() => {
+                println!("{name} running");
+                continue;
             }
+            Some(_) => {}
+            None => create(made)?,
         }
+        m.start(name, false).with_context(|| format!("service {}: starting {name}", s.service))?;
+        println!("{name} started");
     }
     Ok(())
 }
 
-fn down(m: &Manager, root: &std::path::Path, plan: &Plan, timeout: Duration) -> Result<i32> {
+fn down(m: &Manager, root: &std::path::Path, plan: &Plan, timeout: Duration, volumes: bool) -> Result<i32> {
     let mut failed = 0;
     // Newest first: dependents go before what they depend on.
     for i in instances(m, &plan.project)?.iter().rev() {
@@ -179,8 +239,18 @@ fn down(m: &Manager, root: &std::path::Path, plan: &Plan, timeout: Duration) -> 
             }
         }
     }
+    for v in plan.volumes.iter().filter(|v| volumes && !v.external) {
+        match m.volume_remove(&v.name) {
+            Ok(()) => println!("volume {} removed", v.name),
+            Err(isla_core::Error::NoSuchVolume(_)) => {}
+            Err(e) => {
+                eprintln!("isla: error: volume {}: {e}", v.name);
+                failed += 1;
+            }
+        }
+    }
     if failed > 0 {
-        bail!("project {}: {failed} instances or networks were not removed", plan.project);
+        bail!("project {}: {failed} instances, networks or volumes were not removed", plan.project);
     }
     Ok(0)
 }
@@ -211,26 +281,53 @@ fn ps(m: &Manager, plan: &Plan, output: Output) -> Result<i32> {
     Ok(0)
 }
 
-fn logs(m: &Manager, plan: &Plan, service: Option<&str>, tail: Option<usize>) -> Result<i32> {
+fn logs(m: &Manager, plan: &Plan, service: Option<&str>, tail: Option<usize>, follow: bool) -> Result<i32> {
     if let Some(s) = service {
         if !plan.services.iter().any(|p| p.service == s) {
             bail!("there is no service `{s}` in the stack file");
         }
     }
-    let list = instances(m, &plan.project)?;
+    let list: Vec<Instance> = instances(m, &plan.project)?
+        .into_iter()
+        .filter(|i| service.is_none_or(|s| i.spec.labels.get(LABEL_SERVICE).map(String::as_str) == Some(s)))
+        .collect();
     let width = list.iter().map(|i| i.spec.name.len()).max().unwrap_or(0);
     let mut out = std::io::stdout().lock();
-    for i in list {
-        if service.is_some_and(|s| i.spec.labels.get(LABEL_SERVICE).map(String::as_str) != Some(s)) {
-            continue;
-        }
-        for r in m.logs(&i.id, tail)? {
+    let mut print = |i: &Instance, recs: &[isla_core::logs::Record]| -> Result<()> {
+        for r in recs {
             write!(out, "{:<width$} | ", i.spec.name)?;
             out.write_all(&r.text)?;
             if r.full {
                 writeln!(out)?;
             }
         }
+        Ok(out.flush()?)
+    };
+    let mut offsets = Vec::new();
+    for i in &list {
+        let (mut recs, offset) = m.logs_from(&i.id, 0)?;
+        if let Some(n) = tail {
+            recs.drain(..isla_core::logs::tail_start(&recs, n));
+        }
+        print(i, &recs)?;
+        offsets.push(offset);
     }
-    Ok(0)
+    if !follow {
+        return Ok(0);
+    }
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let mut running = false;
+        for (i, offset) in list.iter().zip(offsets.iter_mut()) {
+            // Status before the log: the last lines of an instance that just ended are read.
+            let Ok(now) = m.get(&i.id) else { continue };
+            running |= now.status.is_active();
+            let (recs, next) = m.logs_from(&i.id, *offset)?;
+            *offset = next;
+            print(i, &recs)?;
+        }
+        if !running {
+            return Ok(0);
+        }
+    }
 }

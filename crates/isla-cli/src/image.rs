@@ -152,6 +152,9 @@ pub struct BuildArgs {
     /// Name of the result.
     #[arg(short, long)]
     tag: Option<String>,
+    /// A value for an ARG of the Containerfile: NAME=VALUE (or NAME to pass this shell's value).
+    #[arg(long = "build-arg", value_name = "NAME=VALUE")]
+    build_args: Vec<String>,
     /// Build context directory.
     context: PathBuf,
 }
@@ -373,32 +376,49 @@ pub fn build(args: &BuildArgs) -> Result<()> {
 }
 
 fn build_in(store: &Store, args: &BuildArgs) -> Result<()> {
-    let file = match &args.file {
-        Some(f) => f.clone(),
+    // `NAME` alone passes this shell's value (left out when unset), as Docker does.
+    let build_args = args
+        .build_args
+        .iter()
+        .filter_map(|a| match a.split_once('=') {
+            Some((k, v)) => Some((k.to_string(), v.to_string())),
+            None => std::env::var(a).ok().map(|v| (a.clone(), v)),
+        })
+        .collect();
+    build_image(store, &args.context, args.file.as_deref(), args.tag.as_deref(), &build_args)?;
+    Ok(())
+}
+
+/// Builds the Containerfile `file` (default: CONTEXT/Containerfile, else CONTEXT/Dockerfile)
+/// in `context` with isla's runtime for RUN steps, names it `tag` and prints a summary line.
+/// `isla build` and `isla compose up` (services with `build:`) use it.
+pub fn build_image(
+    store: &Store,
+    context: &Path,
+    file: Option<&Path>,
+    tag: Option<&str>,
+    build_args: &std::collections::BTreeMap<String, String>,
+) -> Result<isla_image::build::BuildReport> {
+    let file = match file {
+        Some(f) => f.to_path_buf(),
         None => ["Containerfile", "Dockerfile"]
             .iter()
-            .map(|n| args.context.join(n))
+            .map(|n| context.join(n))
             .find(|p| p.exists())
-            .unwrap_or_else(|| args.context.join("Containerfile")),
+            .unwrap_or_else(|| context.join("Containerfile")),
     };
     let text = std::fs::read_to_string(&file).with_context(|| format!("reading {} (-f)", file.display()))?;
     let runner = crate::buildrun::ContainerRunner::new(&store.root().join("build-run"))?;
     let b = Builder {
         store,
-        context: args.context.clone(),
+        context: context.to_path_buf(),
         file: file.display().to_string(),
         runner: &runner,
         verbose: true,
     };
-    let r = b.build(&text, args.tag.as_deref())?;
-    println!(
-        "built {} {} ({} steps cached, {} run)",
-        args.tag.as_deref().unwrap_or("<none>"),
-        r.digest,
-        r.cached,
-        r.executed
-    );
-    Ok(())
+    let r = b.build_with_args(&text, tag, build_args)?;
+    println!("built {} {} ({} steps cached, {} run)", tag.unwrap_or("<none>"), r.digest, r.cached, r.executed);
+    Ok(r)
 }
 
 /// Writes a `docker save` archive with one layer of `size` bytes of incompressible data.

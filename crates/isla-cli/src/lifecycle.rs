@@ -51,7 +51,8 @@ pub struct CreateArgs {
     /// Publish a port: [HOST_IP:]HOST_PORT:PORT[/tcp|udp].
     #[arg(short = 'p', long = "publish", value_name = "PORT")]
     ports: Vec<String>,
-    /// Bind a host directory: /HOST/DIR:/GUEST/DIR[:ro] (the host directory is made if missing).
+    /// Mount a host directory (/HOST/DIR:/GUEST/DIR[:ro], made if missing) or a named volume
+    /// (NAME:/GUEST/DIR[:ro], made on first use; see `isla volume`).
     #[arg(short = 'v', long = "volume", value_name = "VOLUME")]
     volumes: Vec<String>,
     /// Set an environment variable: KEY=VALUE (or KEY to pass this shell's value).
@@ -356,7 +357,7 @@ pub fn run(cmd: &LifecycleCmd) -> Result<i32> {
 }
 
 /// Runs `f` for each name; errors are printed and make the exit code 1, the others still run.
-fn each(names: &[String], mut f: impl FnMut(&str) -> Result<()>) -> Result<i32> {
+pub fn each(names: &[String], mut f: impl FnMut(&str) -> Result<()>) -> Result<i32> {
     let mut code = 0;
     for n in names {
         if let Err(e) = f(n) {
@@ -414,12 +415,14 @@ fn ps(m: &Manager, all: bool, quiet: bool, output: Output) -> Result<i32> {
 }
 
 fn logs(m: &Manager, name: &str, tail: Option<usize>, timestamps: bool, follow: bool) -> Result<i32> {
-    let mut next = None;
+    let (mut recs, mut offset) = m.logs_from(name, 0)?;
+    if let Some(n) = tail {
+        recs.drain(..isla_core::logs::tail_start(&recs, n));
+    }
+    let mut active = follow && m.get(name)?.status.is_active();
     loop {
-        let all = m.logs(name, None)?;
-        let start = next.unwrap_or_else(|| tail.map_or(0, |n| isla_core::logs::tail_start(&all, n)));
         let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
-        for r in all.iter().skip(start) {
+        for r in &recs {
             let w: &mut dyn Write = if r.stream == Stream::Stdout { &mut out } else { &mut err };
             if timestamps {
                 write!(w, "{} ", r.time)?;
@@ -430,12 +433,14 @@ fn logs(m: &Manager, name: &str, tail: Option<usize>, timestamps: bool, follow: 
             }
         }
         out.flush()?;
-        next = Some(all.len());
-        if !follow || !m.get(name)?.status.is_active() {
+        if !active {
             return Ok(0);
         }
         drop((out, err));
         std::thread::sleep(Duration::from_millis(200));
+        // Status before the log: the last lines of an instance that just ended are printed.
+        active = m.get(name)?.status.is_active();
+        (recs, offset) = m.logs_from(name, offset)?;
     }
 }
 

@@ -16,6 +16,7 @@ mod peer;
 mod qemu;
 mod runtime;
 mod vmexec;
+mod volume;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -55,6 +56,8 @@ enum Cmd {
     Network(network::NetworkArgs),
     /// Full VMs driven through QEMU: disks, ISO, VNC, snapshots, linked clones.
     Qemu(qemu::QemuArgs),
+    /// Named volumes: directories below the state root that outlive instances (`-v NAME:/path`).
+    Volume(volume::VolumeArgs),
     /// Stack files in the docker-compose format: up, down, ps, logs.
     Compose(compose::ComposeArgs),
     /// The REST API (unix socket, or TCP with a token): instances, events, Prometheus metrics.
@@ -259,6 +262,7 @@ fn main() -> ExitCode {
         Cmd::Build(a) => image::build(a).map(|()| 0),
         Cmd::Network(a) => network::run(a).map(|()| 0),
         Cmd::Qemu(a) => qemu::run(a),
+        Cmd::Volume(a) => volume::run(a),
         Cmd::Compose(a) => compose::run(a),
         Cmd::Daemon(a) => daemon::run(a),
         Cmd::Lifecycle(c) => lifecycle::run(c),

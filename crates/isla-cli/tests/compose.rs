@@ -32,9 +32,20 @@ impl Stack {
 
     /// `isla ARGS --root ROOT` inside the namespace (ARGS[0] is the subcommand).
     fn isla(&self, args: &[&str]) -> Output {
+        self.isla_env(args, &[])
+    }
+
+    /// [`Stack::isla`] with these environment variables set.
+    fn isla_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        self.command(args).envs(env.iter().copied()).output().unwrap()
+    }
+
+    /// The command [`Stack::isla`] runs.
+    fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new("nsenter");
         c.arg(self.netns()).arg(env!("CARGO_BIN_EXE_isla")).arg(args[0]).arg("--root").arg(&self.root);
-        c.args(&args[1..]).output().unwrap()
+        c.args(&args[1..]);
+        c
     }
 
     fn ok(&self, args: &[&str]) -> String {
@@ -68,6 +79,7 @@ impl Stack {
             self.json(&["ps", "-a", "--output", "json"]).iter().map(|i| format!("instance {}", i["spec"]["name"])),
         );
         out.extend(self.json(&["network", "ls", "--output", "json"]).iter().map(|n| format!("network {}", n["name"])));
+        out.extend(self.json(&["volume", "ls", "--output", "json"]).iter().map(|v| format!("volume {}", v["name"])));
         let links = self.sh("ip -o link");
         out.extend(links.lines().filter(|l| l.contains("isla-")).map(|l| format!("link {l}")));
         let rules = self.sh("nft list ruleset");
@@ -181,6 +193,16 @@ fn bad_stack_files_are_refused_and_create_nothing() {
             &["services.web.ports: port `80:x`", "line 4"][..],
         ),
         (
+            "interp.yaml",
+            "services:\n  web:\n    image: busybox\n    command: echo ${NOPE:?set NOPE in .env}\n",
+            &["services.web.command", "required variable NOPE is missing a value: set NOPE in .env", "line 4"][..],
+        ),
+        (
+            "dollar.yaml",
+            "services:\n  web:\n    image: busybox\n    environment:\n      PRICE: 5$\n",
+            &["services.web.environment.PRICE", "`$$`", "line 5"][..],
+        ),
+        (
             "cycle.yaml",
             "services:\n  a: {image: busybox, depends_on: [b]}\n  b: {image: busybox, depends_on: [a]}\n",
             &["cycle: a -> b -> a"][..],
@@ -193,13 +215,86 @@ fn bad_stack_files_are_refused_and_create_nothing() {
             assert!(err.contains(w) && err.contains(name), "{name}: want {w}: {err}");
         }
     }
-    // A failure half way: the first service was started, the second cannot be made; both the
-    // first instance and the network it made are removed again.
+    // A failure half way: the first service was started, the second cannot be made; the
+    // first instance and the network and volume made for it are removed again.
     let f = st.file(
         "half.yaml",
-        "services:\n  web: {image: busybox, command: httpd -f -p 80, ports: [\"8090:80\"]}\n  bad: {image: nosuchimage, depends_on: [web]}\n",
+        "services:\n  web: {image: busybox, command: httpd -f -p 80, ports: [\"8090:80\"], volumes: [\"v:/v\"]}\n  bad: {image: nosuchimage, depends_on: [web]}\nvolumes: {v: }\n",
     );
     let err = st.fails(&["compose", "-f", &f, "-p", "bad", "up", "-d"]);
     assert!(err.contains("nosuchimage") && err.contains("nothing of this `up` was kept"), "{err}");
+    assert_eq!(st.leftovers(), Vec::<String>::new());
+}
+
+#[test]
+fn build_named_volume_and_interpolation() {
+    let st = Stack::new("build");
+    std::fs::create_dir_all(st.dir.join("app")).unwrap();
+    st.file("app/Containerfile", "FROM busybox\nARG GREETING=hi\nRUN echo \"$GREETING from the build\" > /greeting\n");
+    st.file(".env", "# read for ${...}\nGREETING=hello\nSUFFIX=env-file\n");
+    let f = st.file(
+        "compose.yaml",
+        r#"
+services:
+  app:
+    build:
+      context: ./app
+      args: {GREETING: "${GREETING}"}
+    command: ["sh", "-c", "cat /greeting; echo ${SUFFIX:-unset} '$$'literal; cat /data/count 2>/dev/null; echo x >> /data/count; exec sleep 1000"]
+    volumes: ["data:/data"]
+    environment: {FROM_SHELL: "${ISLA_TEST_SHELL:?must be set}", DEFAULTED: "${ISLA_TEST_UNSET-fallback}"}
+volumes:
+  data:
+"#,
+    );
+    let shell = [("ISLA_TEST_SHELL", "from-shell")];
+    let c = |cmd: &[&'static str]| [&["compose", "-f", f.as_str(), "-p", "bld"], cmd].concat();
+    // Every command reads the file, so every one needs the variable.
+    let ok = |cmd: &[&'static str]| common::expect_ok(&c(cmd), st.isla_env(&c(cmd), &shell));
+    // Logs of the service once `n` lines are there.
+    let logs = |n: usize| {
+        (0..100)
+            .map(|_| {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                ok(&["logs"])
+            })
+            .find(|l| l.lines().count() >= n)
+            .unwrap_or_default()
+    };
+
+    let out = ok(&["up", "-d"]);
+    assert!(out.contains("service app: building bld-app") && out.contains("volume bld_data created"), "{out}");
+    assert_eq!(logs(2), "bld-app-1 | hello from the build\nbld-app-1 | env-file $literal\n");
+    let env = st.ok(&["exec", "bld-app-1", "env"]);
+    assert!(env.contains("FROM_SHELL=from-shell") && env.contains("DEFAULTED=fallback"), "{env}");
+    let img = st.json(&["inspect", "bld-app-1"]);
+    assert_eq!(img[0]["spec"]["image"], "bld-app");
+
+    // `down` keeps the volume; the next `up` neither builds nor loses the data.
+    ok(&["down", "-t", "0"]);
+    assert_eq!(st.leftovers(), ["volume \"bld_data\""]);
+    let out = ok(&["up", "-d"]);
+    assert!(!out.contains("building"), "{out}");
+    assert!(logs(3).ends_with("bld-app-1 | x\n"), "the volume lost its file");
+
+    // Without the required variable: the error names the field and the line, nothing runs.
+    let err = st.fails(&c(&["up", "-d"]));
+    assert!(err.contains("services.app.environment.FROM_SHELL") && err.contains("line 9"), "{err}");
+    // A new build argument from .env: `up --build` rebuilds and recreates the service.
+    st.file(".env", "GREETING=bonjour\n");
+    let out = ok(&["up", "-d", "--build"]);
+    assert!(out.contains("building") && out.contains("bld-app-1 started"), "{out}");
+    let want = "bld-app-1 | bonjour from the build\nbld-app-1 | unset $literal\nbld-app-1 | x\nbld-app-1 | x\n";
+    assert_eq!(logs(4), want);
+
+    // `logs --follow` follows until the project's instances are gone; `down -v` removes the volume too.
+    let follow =
+        st.command(&c(&["logs", "--follow"])).envs(shell).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let out = ok(&["down", "-v", "-t", "0"]);
+    assert!(out.contains("volume bld_data removed"), "{out}");
+    let followed = follow.wait_with_output().unwrap();
+    assert!(followed.status.success(), "{followed:?}");
+    assert_eq!(String::from_utf8_lossy(&followed.stdout), want);
     assert_eq!(st.leftovers(), Vec::<String>::new());
 }

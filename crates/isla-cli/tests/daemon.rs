@@ -1,7 +1,7 @@
 //! `isla daemon` end to end, as root: real busybox containers created, listed, stopped and
 //! removed through the REST API on the unix socket; the TCP listener's token; bad JSON; the
-//! Prometheus text; the event stream; SIGKILL of the daemon (also in the middle of a create)
-//! and a restart. Each test has its own state root, socket and network namespace (the daemon
+//! Prometheus text; the event stream; following logs and exec; SIGKILL of the daemon (also in
+//! the middle of a create) and a restart. Each test has its own state root, socket and network namespace (the daemon
 //! and the CLI run under `nsenter --net`), all removed on drop, also after a failure.
 
 mod common;
@@ -363,4 +363,56 @@ fn tcp_needs_the_token() {
     let st = d.child.wait().unwrap();
     assert!(st.success(), "{st:?}");
     assert!(!lab.socket().exists());
+}
+
+#[test]
+fn logs_follow_and_exec() {
+    // Instances without a network: no namespace is needed.
+    let lab = Lab::new("follow", false);
+    let _d = lab.daemon(&[], &[]);
+    let body = r#"{"name":"talker","image":"busybox","network":"none",
+                   "command":["sh","-c","echo one; sleep 1; echo two >&2; sleep 1; echo three; exit 2"]}"#;
+    let (code, inst) = unix(&lab, "POST", "/v1/instances", body);
+    assert_eq!(code, 201, "{inst}");
+    // The stream (chunked NDJSON) carries the lines as they come and ends with the instance.
+    let s = std::os::unix::net::UnixStream::connect(lab.socket()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let (code, raw) = http(s, "GET", "/v1/instances/talker/logs?follow=1", "", None);
+    assert_eq!(code, 200, "{raw}");
+    let recs: Vec<Value> =
+        raw.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).unwrap()).collect();
+    let got: Vec<(&str, &str)> =
+        recs.iter().map(|r| (r["stream"].as_str().unwrap(), r["text"].as_str().unwrap())).collect();
+    assert_eq!(got, [("stdout", "one"), ("stderr", "two"), ("stdout", "three")], "{raw}");
+    let (_, inst) = unix(&lab, "GET", "/v1/instances/talker", "");
+    assert_eq!(inst["status"]["exit_code"], 2, "the stream ended before the instance: {inst}");
+    // Following an ended instance gives its log and ends; `tail` applies.
+    let s = std::os::unix::net::UnixStream::connect(lab.socket()).unwrap();
+    let (_, raw) = http(s, "GET", "/v1/instances/talker/logs?follow=1&tail=1", "", None);
+    assert_eq!(raw.lines().filter(|l| l.contains("\"text\"")).count(), 1, "{raw}");
+    assert_eq!(unix(&lab, "GET", "/v1/instances/nobody/logs?follow=1", "").0, 404);
+
+    // exec: exit code and both outputs as JSON.
+    let body = r#"{"name":"box","image":"busybox","network":"none","command":["sleep","1000"]}"#;
+    assert_eq!(unix(&lab, "POST", "/v1/instances", body).0, 201);
+    let (code, r) = unix(
+        &lab,
+        "POST",
+        "/v1/instances/box/exec",
+        r#"{"command":["sh","-c","echo out $X; echo err >&2; exit 3"],"env":["X=1"],"workdir":"/tmp"}"#,
+    );
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r, serde_json::json!({"exit_code": 3, "stdout": "out 1\n", "stderr": "err\n"}));
+    let (code, r) = unix(&lab, "POST", "/v1/instances/box/exec", r#"{"command":["pwd"],"workdir":"/tmp"}"#);
+    assert_eq!((code, &r["stdout"]), (200, &Value::from("/tmp\n")), "{r}");
+    for (name, body, want_code, needle) in [
+        ("box", r#"{"command":[]}"#, 400, "field `command`"),
+        ("box", r#"{"cmd":["ls"]}"#, 400, "unknown field `cmd`"),
+        ("talker", r#"{"command":["true"]}"#, 409, "exec needs a running instance"),
+        ("nobody", r#"{"command":["true"]}"#, 404, "no instance named `nobody`"),
+    ] {
+        let (code, e) = unix(&lab, "POST", &format!("/v1/instances/{name}/exec"), body);
+        assert_eq!(code, want_code, "{body}: {e}");
+        assert!(e["error"].as_str().unwrap().contains(needle), "{body}: {e}");
+    }
 }

@@ -279,7 +279,7 @@ fn bad_input_gives_clear_errors_and_leaves_nothing() {
     let err = lab.fails(&["run", "--name", "two", "nosuchimage:1", "true"]);
     assert!(err.contains("no image `nosuchimage:1`"), "{err}");
     for (args, want) in [
-        (&["run", "-v", "data:/data", "busybox", "true"][..], "named volumes are not supported"),
+        (&["run", "-v", "rel/data:/data", "busybox", "true"][..], "a host path must be absolute"),
         (&["run", "--memory", "lots", "busybox", "true"], "--memory"),
         (&["run", "-p", "80", "busybox", "true"], "port `80`"),
         (&["run", "--restart", "sometimes", "busybox", "true"], "--restart"),

@@ -11,6 +11,8 @@ use serde::de::Error as _;
 use serde::{Deserialize, Deserializer};
 use serde_yaml::Value;
 
+use crate::interpolate::Interpolated;
+
 /// A whole stack file.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -19,22 +21,30 @@ pub struct ComposeFile {
     #[serde(default)]
     pub version: Option<Value>,
     /// Project name (overridden by `-p`).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "text")]
     pub name: Option<String>,
     /// The services by name.
     pub services: BTreeMap<String, Service>,
     /// Project networks by key; a key with no value gets the defaults.
     #[serde(default)]
     pub networks: BTreeMap<String, Option<NetworkDef>>,
+    /// Named volumes by key; a key with no value gets the defaults.
+    #[serde(default)]
+    pub volumes: BTreeMap<String, Option<VolumeDef>>,
 }
 
 /// One service.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Service {
-    /// Image (e.g. the built-in `busybox`; `kit` for a microVM of the guest kit).
-    #[serde(default)]
+    /// Image (e.g. the built-in `busybox`; `kit` for a microVM of the guest kit). With
+    /// `build:`, the name the built image gets (default `<project>-<service>`).
+    #[serde(default, deserialize_with = "text")]
     pub image: Option<String>,
+    /// Build the image from a Containerfile (`isla build`): a context directory, or
+    /// `{context, dockerfile, args}`.
+    #[serde(default)]
+    pub build: Option<Build>,
     /// What runs it (isla's extension): container (default), microvm or vm.
     #[serde(default)]
     pub kind: Option<Kind>,
@@ -47,8 +57,8 @@ pub struct Service {
     /// Published ports, `[HOST_IP:]HOST_PORT:PORT[/PROTO]`.
     #[serde(default)]
     pub ports: Vec<Port>,
-    /// Bind mounts, `HOST:CONTAINER[:ro|rw]`; a relative host path is read against the file's
-    /// directory.
+    /// Mounts, `HOST:CONTAINER[:ro|rw]` (a relative host path is read against the file's
+    /// directory) or `VOLUME:CONTAINER[:ro|rw]` (a key of the top-level `volumes:`).
     #[serde(default)]
     pub volumes: Vec<VolumeEntry>,
     /// Environment, as a map or a `KEY=VALUE` list.
@@ -67,10 +77,10 @@ pub struct Service {
     #[serde(default)]
     pub restart: Option<Restart>,
     /// Instance name instead of `<project>-<service>-1`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "text")]
     pub container_name: Option<String>,
     /// Working directory inside the instance.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "text")]
     pub working_dir: Option<String>,
     /// Labels, as a map or a `KEY=VALUE` list.
     #[serde(default)]
@@ -82,7 +92,7 @@ pub struct Service {
 #[serde(deny_unknown_fields)]
 pub struct NetworkDef {
     /// `bridge` (Docker's name) or `nat`: isla's NAT network; `host-only`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "text")]
     pub driver: Option<String>,
     /// No way out: a host-only network.
     #[serde(default)]
@@ -91,8 +101,62 @@ pub struct NetworkDef {
     #[serde(default)]
     pub external: bool,
     /// The isla network's name (default `<project>_<key>`, or the key when external).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "text")]
     pub name: Option<String>,
+}
+
+/// A named volume of the project (top-level `volumes:`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeDef {
+    /// Only `local` (a directory below isla's root).
+    #[serde(default, deserialize_with = "text")]
+    pub driver: Option<String>,
+    /// An existing isla volume, neither created nor removed by the project.
+    #[serde(default)]
+    pub external: bool,
+    /// The isla volume's name (default `<project>_<key>`, or the key when external).
+    #[serde(default, deserialize_with = "text")]
+    pub name: Option<String>,
+    /// Labels, as a map or a `KEY=VALUE` list.
+    #[serde(default)]
+    pub labels: Environment,
+}
+
+/// `build:`: a context directory, or the long form.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Build {
+    /// The context directory, relative to the stack file's directory (default `.`).
+    pub context: Option<String>,
+    /// The Containerfile, relative to the context (default `Containerfile`, else `Dockerfile`).
+    pub dockerfile: Option<String>,
+    /// Build arguments (`ARG` values), as a map or a `KEY=VALUE` list.
+    pub args: Environment,
+}
+
+/// The long form of `build:`, as written (already interpolated).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BuildLong {
+    #[serde(default)]
+    context: Option<String>,
+    #[serde(default)]
+    dockerfile: Option<String>,
+    #[serde(default)]
+    args: Value,
+}
+
+impl Build {
+    fn from_value(v: Value) -> Result<Build, String> {
+        match v {
+            Value::String(s) => Ok(Build { context: Some(s), ..Build::default() }),
+            m @ Value::Mapping(_) => {
+                let b: BuildLong = serde_yaml::from_value(m).map_err(|e| e.to_string())?;
+                Ok(Build { context: b.context, dockerfile: b.dockerfile, args: Environment::from_value(b.args)? })
+            }
+            _ => Err("expected a context directory or a map with context, dockerfile, args".into()),
+        }
+    }
 }
 
 /// `deploy:` (only `resources` is read).
@@ -125,10 +189,25 @@ pub struct Limits {
     pub memory: Option<u64>,
 }
 
-/// Reads a value through [`Value`] and converts it with `f`, whose error becomes a located
+/// Reads a value through [`Value`], interpolates its strings (`${VAR}`, see
+/// [`crate::interpolate`]) and converts it with `f`; an error of either becomes a located
 /// serde error.
 fn via_value<'de, D: Deserializer<'de>, T>(d: D, f: impl FnOnce(Value) -> Result<T, String>) -> Result<T, D::Error> {
-    f(Value::deserialize(d)?).map_err(D::Error::custom)
+    f(Interpolated::deserialize(d)?.0).map_err(D::Error::custom)
+}
+
+/// An optional string, interpolated.
+fn text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    via_value(d, |v| match v {
+        Value::Null => Ok(None),
+        v => scalar(&v).map(Some).ok_or_else(|| "expected a string".to_string()),
+    })
+}
+
+impl<'de> Deserialize<'de> for Build {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        via_value(d, Build::from_value)
+    }
 }
 
 /// A scalar as a string (numbers and booleans as YAML writes them).
@@ -191,15 +270,18 @@ impl<'de> Deserialize<'de> for Port {
     }
 }
 
-/// One bind mount as written; the host path is resolved by the plan.
+/// One mount as written: a bind mount (the host path is resolved by the plan) or a named volume
+/// (a key of the top-level `volumes:`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct VolumeEntry {
-    /// Host path as written (absolute, or relative to the file's directory).
+    /// Host path as written (absolute, or relative to the file's directory), or the volume key.
     pub host: String,
     /// Absolute path inside the instance.
     pub guest: String,
     /// Read-only.
     pub readonly: bool,
+    /// `host` is a volume key, not a path.
+    pub named: bool,
 }
 
 impl<'de> Deserialize<'de> for VolumeEntry {
@@ -208,7 +290,7 @@ impl<'de> Deserialize<'de> for VolumeEntry {
             let s = match v {
                 Value::String(s) => s,
                 Value::Mapping(_) => {
-                    return Err("the long volume syntax is not supported; write \"HOST:CONTAINER[:ro]\"".into())
+                    return Err("the long volume syntax is not supported; write \"SOURCE:CONTAINER[:ro]\"".into())
                 }
                 _ => return Err("expected \"HOST:CONTAINER[:ro]\"".into()),
             };
@@ -218,17 +300,18 @@ impl<'de> Deserialize<'de> for VolumeEntry {
                 [h, g, "ro"] => (*h, *g, true),
                 [h, g, "rw"] => (*h, *g, false),
                 [_, _, o] => return Err(format!("`{s}`: unknown option `{o}` (expected ro or rw)")),
-                _ => return Err(format!("`{s}`: expected HOST:CONTAINER[:ro] (a bind mount)")),
+                _ => return Err(format!("`{s}`: expected HOST_PATH:CONTAINER[:ro] or VOLUME:CONTAINER[:ro]")),
             };
-            if !(host.starts_with('/') || host.starts_with("./") || host.starts_with("../") || host == ".") {
+            let path = host.starts_with('/') || host.starts_with("./") || host.starts_with("../") || host == ".";
+            if !path && (host.contains('/') || model::check_volume_name(host).is_err()) {
                 return Err(format!(
-                    "`{s}`: named volumes are not supported; give a host path such as ./{host} or /srv/{host}"
+                    "`{s}`: `{host}` is neither a path (start it with ./ or /) nor a volume name (letters, digits, _ . -)"
                 ));
             }
             if !guest.starts_with('/') || guest.split('/').any(|c| c == "..") {
                 return Err(format!("`{s}`: the container path must be absolute and without `..`"));
             }
-            Ok(VolumeEntry { host: host.to_string(), guest: guest.to_string(), readonly })
+            Ok(VolumeEntry { host: host.to_string(), guest: guest.to_string(), readonly, named: !path })
         })
     }
 }
@@ -240,7 +323,13 @@ pub struct Environment(pub Vec<(String, Option<String>)>);
 
 impl<'de> Deserialize<'de> for Environment {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        via_value(d, |v| match v {
+        via_value(d, Environment::from_value)
+    }
+}
+
+impl Environment {
+    fn from_value(v: Value) -> Result<Environment, String> {
+        match v {
             Value::Mapping(m) => m
                 .iter()
                 .map(|(k, v)| {
@@ -265,7 +354,7 @@ impl<'de> Deserialize<'de> for Environment {
                 .map(Environment),
             Value::Null => Ok(Environment::default()),
             _ => Err("expected a map or a list of KEY=VALUE strings".into()),
-        })
+        }
     }
 }
 

@@ -8,14 +8,25 @@
 //! services in it). Nothing here touches the system: the CLI (`crates/isla-cli/src/compose.rs`)
 //! carries the plan out through [`isla_core::Manager`] and rolls back what a failed `up` made.
 //!
+//! String values are interpolated (`${VAR}`, `${VAR:-default}`, `${VAR:?error}`, `$$`, ...)
+//! with the caller's environment and the `.env` file beside the stack file ([`interpolate`]),
+//! while serde reads them. The plan also lists the project's named volumes
+//! ([`PlannedVolume`], `<project>_<key>`) and, for a service with `build:`, how its image is
+//! built ([`PlannedBuild`]; named `<project>-<service>` unless `image:` is given).
+//!
 //! Values are checked while they are deserialized (ports, volumes, sizes, restart policies), so
 //! their errors carry serde_yaml's location too. Hand-written part: the dependency sort (a
 //! depth-first search of a few services; it also yields the cycle for the error message).
 
 pub mod file;
+pub mod interpolate;
 mod plan;
 
-pub use plan::{load, parse, plan, project_name, Plan, PlannedNetwork, PlannedService, LABEL_PROJECT, LABEL_SERVICE};
+pub use interpolate::Vars;
+pub use plan::{
+    load, parse, parse_with, plan, project_name, Plan, PlannedBuild, PlannedNetwork, PlannedService, PlannedVolume,
+    LABEL_PROJECT, LABEL_SERVICE, LABEL_VOLUME,
+};
 
 /// Errors of reading and planning a stack file; each names the file and the field at fault.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +60,14 @@ pub enum Error {
         /// The field path, e.g. `services.web.depends_on`.
         field: String,
         /// What is wrong and how to fix it.
+        msg: String,
+    },
+    /// The `.env` file beside the stack file cannot be read (the message names the line).
+    #[error("{file}: {msg}")]
+    EnvFile {
+        /// The `.env` file.
+        file: String,
+        /// What is wrong.
         msg: String,
     },
     /// `depends_on` goes round in a circle.

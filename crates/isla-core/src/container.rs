@@ -16,7 +16,7 @@ use std::time::Duration;
 use isla_container::{CreateOptions, Runtime, Signal};
 use serde_json::{json, Value};
 
-use crate::driver::{wait_until, Driver, Env, ExecRequest, Launched, Stats, Stdio};
+use crate::driver::{wait_until, Driver, Env, ExecOutput, ExecRequest, Launched, Stats, Stdio};
 use crate::error::{io, sys, Error, Result};
 use crate::model::{Instance, InstanceSpec, Kind, Status};
 
@@ -275,6 +275,29 @@ fn refresh_hosts(env: &Env, nets: &isla_net::Networks, net: &str) -> Result<()> 
     Ok(())
 }
 
+/// `isla runtime exec` of `req` in the running container (the runtime clones, so it runs in a
+/// fresh single-threaded process).
+fn exec_command(env: &Env, inst: &Instance, req: &ExecRequest) -> Result<Command> {
+    running(env, inst)?;
+    let mut cmd = Command::new(&env.helper);
+    cmd.arg("runtime").arg("--root").arg(env.runtime_root()).arg("exec");
+    for e in &req.env {
+        cmd.args(["--env", e]);
+    }
+    if let Some(w) = &req.workdir {
+        cmd.args(["--cwd", w]);
+    }
+    if req.tty {
+        cmd.arg("--tty");
+    }
+    cmd.arg(&inst.id).args(&req.args);
+    Ok(cmd)
+}
+
+fn exit_code(st: std::process::ExitStatus) -> i32 {
+    st.code().unwrap_or(128 + std::os::unix::process::ExitStatusExt::signal(&st).unwrap_or(0))
+}
+
 impl Driver for ContainerDriver {
     fn kind(&self) -> Kind {
         Kind::Container
@@ -300,9 +323,17 @@ impl Driver for ContainerDriver {
         let image = inst.spec.image.as_deref().unwrap_or_default();
         let rootfs = env.images.prepare_rootfs(image, &inst.id)?;
         let img = isla_image::busybox::resolve_or_make(&env.images, image)?;
+        let empty = crate::volume::empty_named(&inst.spec.volumes)?;
         for v in &inst.spec.volumes {
             std::fs::create_dir_all(&v.host)
                 .map_err(io(format!("-v: creating host directory {}", v.host.display())))?;
+        }
+        if !empty.is_empty() {
+            // Docker's rule: a new container fills an empty named volume with its image's files.
+            rootfs.mount()?;
+            let copied = empty.iter().try_for_each(|v| crate::volume::populate(&rootfs.merged, v));
+            rootfs.unmount()?;
+            copied?;
         }
         let dir = env.instance_dir(&inst.id);
         let spec = bundle_spec(&img, inst, &rootfs.merged)?;
@@ -408,21 +439,22 @@ impl Driver for ContainerDriver {
     }
 
     fn exec(&self, env: &Env, inst: &Instance, req: &ExecRequest) -> Result<i32> {
-        running(env, inst)?;
-        let mut cmd = Command::new(&env.helper);
-        cmd.arg("runtime").arg("--root").arg(env.runtime_root()).arg("exec");
-        for e in &req.env {
-            cmd.args(["--env", e]);
-        }
-        if let Some(w) = &req.workdir {
-            cmd.args(["--cwd", w]);
-        }
-        if req.tty {
-            cmd.arg("--tty");
-        }
-        cmd.arg(&inst.id).args(&req.args);
-        let st = cmd.status().map_err(io(format!("running {} runtime exec", env.helper.display())))?;
-        Ok(st.code().unwrap_or(128 + std::os::unix::process::ExitStatusExt::signal(&st).unwrap_or(0)))
+        let st = exec_command(env, inst, req)?
+            .status()
+            .map_err(io(format!("running {} runtime exec", env.helper.display())))?;
+        Ok(exit_code(st))
+    }
+
+    fn exec_output(&self, env: &Env, inst: &Instance, req: &ExecRequest) -> Result<ExecOutput> {
+        let out = exec_command(env, inst, req)?
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(io(format!("running {} runtime exec", env.helper.display())))?;
+        Ok(ExecOutput {
+            exit_code: exit_code(out.status),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
     }
 
     fn stats(&self, env: &Env, inst: &Instance) -> Result<Stats> {

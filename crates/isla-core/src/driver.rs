@@ -26,6 +26,16 @@ impl Env {
         self.root.join("instances").join(id)
     }
 
+    /// `<root>/volumes/<name>`: a named volume (its files are in `_data`).
+    pub fn volume_dir(&self, name: &str) -> PathBuf {
+        self.root.join("volumes").join(name)
+    }
+
+    /// `<root>/volumes/<name>/_data`: what instances mount.
+    pub fn volume_data(&self, name: &str) -> PathBuf {
+        self.volume_dir(name).join("_data")
+    }
+
     /// The container runtime's state directory.
     pub fn runtime_root(&self) -> PathBuf {
         self.root.join("runtime")
@@ -71,6 +81,17 @@ pub struct ExecRequest {
     pub tty: bool,
 }
 
+/// What a command run by `exec` printed, and how it ended (the daemon's `exec`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ExecOutput {
+    /// Exit code (128+N when killed by signal N).
+    pub exit_code: i32,
+    /// Standard output (invalid UTF-8 replaced).
+    pub stdout: String,
+    /// Standard error (invalid UTF-8 replaced).
+    pub stderr: String,
+}
+
 /// Resource use of a running instance.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Stats {
@@ -114,8 +135,15 @@ pub trait Driver {
     fn remove(&self, env: &Env, inst: &Instance) -> Result<()>;
     /// The live state as the runtime sees it (None: nothing runs).
     fn state(&self, env: &Env, inst: &Instance) -> Result<Option<Status>>;
-    /// Runs a command in the running instance; its exit code.
+    /// Runs a command in the running instance with the caller's stdio; its exit code.
     fn exec(&self, env: &Env, inst: &Instance, req: &ExecRequest) -> Result<i32>;
+    /// Runs a command in the running instance and returns its output and exit code.
+    fn exec_output(&self, _env: &Env, inst: &Instance, _req: &ExecRequest) -> Result<ExecOutput> {
+        Err(crate::Error::Unsupported(format!(
+            "exec with captured output is not available for {} instances",
+            inst.spec.kind
+        )))
+    }
     /// The log file.
     fn logs(&self, inst: &Instance) -> PathBuf {
         inst.log_path.clone()

@@ -22,6 +22,17 @@ pub enum Error {
     /// An id prefix matches several instances.
     #[error("`{0}` matches several instances; give more of the id or the name")]
     Ambiguous(String),
+    /// No named volume of this name.
+    #[error("no volume named `{0}` (see `isla volume ls`)")]
+    NoSuchVolume(String),
+    /// A named volume is mounted by instances.
+    #[error("volume `{name}` is in use by {users}; remove those instances first (`isla rm`)")]
+    VolumeInUse {
+        /// The volume.
+        name: String,
+        /// The instances, comma-separated.
+        users: String,
+    },
     /// The operation does not fit the instance's current state.
     #[error("instance `{name}` is {status}: {msg}")]
     State {

@@ -22,7 +22,13 @@ pub fn check_spec(spec: &InstanceSpec) -> Result<()> {
     }
     if !spec.volumes.is_empty() {
         let what = if spec.kind == Kind::Vm { "full VMs" } else { "microVMs" };
-        return Err(Error::invalid("-v", format!("{what} take no volumes yet (use --rootfs for a disk)")));
+        return Err(Error::invalid(
+            "-v",
+            format!(
+                "{what} take no volumes: host folders and named volumes are not shared into guests \
+                 (isla has no virtio-fs yet); put the files on a disk image and give it with --rootfs"
+            ),
+        ));
     }
     for p in spec.kernel.iter().chain(&spec.rootfs) {
         if !p.is_file() {

@@ -11,6 +11,9 @@
 //! full-VM driver ([`vm::VmDriver`]) QEMU through `isla-qemu`. Container images cannot boot as
 //! VMs yet ([`Error::Unsupported`]).
 //!
+//! Named volumes ([`volume`], `-v NAME:/path`) are directories below the root recorded in the
+//! store's `volumes` table; they outlive the instances that mount them.
+//!
 //! There is no daemon: each started instance gets a small supervisor process
 //! ([`supervise::supervise`], run as `isla __supervise`), the parent of the instance's process,
 //! which writes its output to the log ([`logs`]), records its exit, applies the restart policy
@@ -39,9 +42,11 @@ mod sig;
 pub mod store;
 pub mod supervise;
 pub mod vm;
+pub mod volume;
 
-pub use driver::{Driver, Env, ExecRequest, Stats};
+pub use driver::{Driver, Env, ExecOutput, ExecRequest, Stats};
 pub use error::{Error, Result};
 pub use isla_container::Signal;
 pub use manager::{driver, Manager, ReconcileReport, Started, DEFAULT_NETWORK, DEFAULT_ROOT};
 pub use model::{Instance, InstanceSpec, Kind, RestartPolicy, Status, Volume};
+pub use volume::VolumeInfo;

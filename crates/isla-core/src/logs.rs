@@ -99,6 +99,25 @@ pub fn read(path: &Path, tail: Option<usize>) -> Result<Vec<Record>> {
     Ok(out)
 }
 
+/// Reads the records written after byte `offset` of `path`, up to the last complete line (a
+/// line being written is left for the next call); also returns the offset to continue from.
+/// This is how `logs --follow` reads a log that grows.
+pub fn read_from(path: &Path, offset: u64) -> Result<(Vec<Record>, u64)> {
+    use std::io::{Read, Seek, SeekFrom};
+    let what = || format!("reading log {}", path.display());
+    let mut f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), offset)),
+        Err(e) => return Err(io(what())(e)),
+    };
+    f.seek(SeekFrom::Start(offset)).map_err(io(what()))?;
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf).map_err(io(what()))?;
+    let end = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let records = buf[..end].split(|&b| b == b'\n').filter_map(parse).collect();
+    Ok((records, offset + end as u64))
+}
+
 /// The index of the first record of the last `n` lines of `records`.
 pub fn tail_start(records: &[Record], n: usize) -> usize {
     let mut lines = 0;
@@ -157,5 +176,19 @@ mod tests {
             [b"thr".to_vec(), b"ee".to_vec(), b"oops with  spaces".to_vec()]
         );
         assert!(read(&dir.path().join("none"), None).unwrap().is_empty());
+        // Following: a line being written waits for its newline.
+        let (recs, off) = read_from(&p, 0).unwrap();
+        assert_eq!(recs, all);
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&p)
+            .unwrap()
+            .write_all(b"2020-01-01T00:00:00Z stdout F ha")
+            .unwrap();
+        let (recs, off2) = read_from(&p, off).unwrap();
+        assert!(recs.is_empty() && off2 == off);
+        std::fs::OpenOptions::new().append(true).open(&p).unwrap().write_all(b"lf\n").unwrap();
+        let (recs, _) = read_from(&p, off2).unwrap();
+        assert_eq!(recs.iter().map(|r| r.text.clone()).collect::<Vec<_>>(), [b"half".to_vec()]);
     }
 }

@@ -12,7 +12,7 @@ use isla_container::Signal;
 use serde::Serialize;
 
 use crate::container::ContainerDriver;
-use crate::driver::{wait_until, Driver, Env, ExecRequest, Stats};
+use crate::driver::{wait_until, Driver, Env, ExecOutput, ExecRequest, Stats};
 use crate::error::{io, sys, Error, Result};
 use crate::microvm::MicrovmDriver;
 use crate::model::{Instance, InstanceSpec, Kind, Status};
@@ -159,6 +159,12 @@ impl Manager {
         let id = new_id()?;
         if spec.name.is_empty() {
             spec.name = format!("i-{}", &id[..10]);
+        }
+        for v in &mut spec.volumes {
+            if let Some(n) = &v.name {
+                crate::model::check_volume_name(n)?;
+                v.host = self.env.volume_data(n);
+            }
         }
         spec.validate()?;
         let d = driver(spec.kind)?;
@@ -407,8 +413,26 @@ impl Manager {
         crate::logs::read(&driver(inst.spec.kind)?.logs(&inst), tail)
     }
 
-    /// Runs a command in a running instance; its exit code.
+    /// The log records written after byte `offset`, up to the last complete line, and the
+    /// offset to continue from (`logs --follow`; see [`crate::logs::read_from`]).
+    pub fn logs_from(&self, what: &str, offset: u64) -> Result<(Vec<crate::logs::Record>, u64)> {
+        let inst = self.get(what)?;
+        crate::logs::read_from(&driver(inst.spec.kind)?.logs(&inst), offset)
+    }
+
+    /// Runs a command in a running instance with this process's stdio; its exit code.
     pub fn exec(&self, what: &str, req: &ExecRequest) -> Result<i32> {
+        let inst = self.exec_target(what, req)?;
+        driver(inst.spec.kind)?.exec(&self.env, &inst, req)
+    }
+
+    /// Runs a command in a running instance; its output and exit code.
+    pub fn exec_output(&self, what: &str, req: &ExecRequest) -> Result<ExecOutput> {
+        let inst = self.exec_target(what, req)?;
+        driver(inst.spec.kind)?.exec_output(&self.env, &inst, req)
+    }
+
+    fn exec_target(&self, what: &str, req: &ExecRequest) -> Result<Instance> {
         let inst = self.get(what)?;
         if inst.status != Status::Running {
             return Err(self.state_err(&inst, "exec needs a running instance"));
@@ -416,7 +440,7 @@ impl Manager {
         if req.args.is_empty() {
             return Err(Error::invalid("exec", "give a command to run"));
         }
-        driver(inst.spec.kind)?.exec(&self.env, &inst, req)
+        Ok(inst)
     }
 
     /// Resource use of a running instance.

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use isla_container::Signal;
 
-use crate::driver::{detach_network, wait_until, Driver, Env, ExecRequest, Launched, Stats, Stdio};
+use crate::driver::{detach_network, wait_until, Driver, Env, ExecOutput, ExecRequest, Launched, Stats, Stdio};
 use crate::error::{io, Error, Result};
 use crate::guest;
 use crate::model::{Instance, InstanceSpec, Kind, Status};
@@ -141,6 +141,14 @@ impl Driver for MicrovmDriver {
     }
 
     fn exec(&self, env: &Env, inst: &Instance, req: &ExecRequest) -> Result<i32> {
+        use std::io::Write;
+        let x = self.exec_output(env, inst, req)?;
+        let _ = std::io::stdout().write_all(x.stdout.as_bytes());
+        let _ = std::io::stderr().write_all(x.stderr.as_bytes());
+        Ok(x.exit_code)
+    }
+
+    fn exec_output(&self, env: &Env, inst: &Instance, req: &ExecRequest) -> Result<ExecOutput> {
         guest::main_process(inst)?;
         if req.tty || req.workdir.is_some() {
             return Err(Error::invalid("exec", "--tty and --workdir are not supported for microVMs"));
@@ -155,12 +163,11 @@ impl Driver for MicrovmDriver {
             timeout_s: 0,
         };
         match c.call(&r, Duration::from_secs(24 * 3600)).map_err(agent)? {
-            isla_agent::Response::Exited(x) => {
-                use std::io::Write;
-                let _ = std::io::stdout().write_all(x.stdout.as_bytes());
-                let _ = std::io::stderr().write_all(x.stderr.as_bytes());
-                Ok(x.exit_code.unwrap_or_else(|| 128 + x.signal.unwrap_or(0)))
-            }
+            isla_agent::Response::Exited(x) => Ok(ExecOutput {
+                exit_code: x.exit_code.unwrap_or_else(|| 128 + x.signal.unwrap_or(0)),
+                stdout: x.stdout,
+                stderr: x.stderr,
+            }),
             other => Err(Error::Supervisor {
                 name: inst.spec.name.clone(),
                 msg: format!("agent: unexpected answer {other:?}"),

@@ -102,21 +102,64 @@ impl RestartPolicy {
     }
 }
 
-/// A bind mount `-v HOST:GUEST[:ro]`.
+/// A mount `-v HOST:GUEST[:ro]` (bind mount of a host directory) or `-v NAME:GUEST[:ro]` (a
+/// named volume, `<root>/volumes/NAME/_data`, made on first use; see [`crate::volume`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Volume {
-    /// Absolute host directory (created if missing, as Docker does).
+    /// Absolute host directory (created if missing, as Docker does). For a named volume it is
+    /// filled in by [`crate::Manager::create`] (empty until then).
     pub host: PathBuf,
     /// Absolute path inside the instance.
     pub guest: String,
     /// Mounted read-only.
     pub readonly: bool,
+    /// The named volume, if this is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl Volume {
+    /// A bind mount of the host directory `host`.
+    pub fn bind(host: impl Into<PathBuf>, guest: impl Into<String>, readonly: bool) -> Volume {
+        Volume { host: host.into(), guest: guest.into(), readonly, name: None }
+    }
+
+    /// A named volume (its host directory is filled in when an instance is created).
+    pub fn named(name: impl Into<String>, guest: impl Into<String>, readonly: bool) -> Volume {
+        Volume { host: PathBuf::new(), guest: guest.into(), readonly, name: Some(name.into()) }
+    }
+}
+
+/// Checks a volume name (Docker's rule: letters, digits, `_`, `.` and `-`, starting with a
+/// letter or digit; isla also caps the length at 128).
+pub fn check_volume_name(name: &str) -> Result<()> {
+    if docker_name(name, 128) {
+        return Ok(());
+    }
+    Err(Error::invalid(
+        "volume name",
+        format!("`{name}`: use letters, digits, `_`, `.` or `-`, starting with a letter or digit (at most 128)"),
+    ))
+}
+
+/// Docker's rule for instance and volume names: 1 to `max` letters, digits, `_`, `.` and `-`,
+/// starting with a letter or digit.
+fn docker_name(name: &str, max: usize) -> bool {
+    !name.is_empty()
+        && name.len() <= max
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
 }
 
 impl FromStr for Volume {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        let bad = |why: &str| Error::invalid("-v", format!("`{s}`: {why} (expected /HOST/DIR:/GUEST/DIR[:ro|rw])"));
+        let bad = |why: &str| {
+            Error::invalid(
+                "-v",
+                format!("`{s}`: {why} (expected /HOST/DIR:/GUEST/DIR[:ro|rw] or NAME:/GUEST/DIR[:ro|rw])"),
+            )
+        };
         let parts: Vec<&str> = s.split(':').collect();
         let (host, guest, readonly) = match parts.as_slice() {
             [h, g] => (*h, *g, false),
@@ -125,13 +168,17 @@ impl FromStr for Volume {
             [_, _, o] => return Err(bad(&format!("unknown option `{o}`"))),
             _ => return Err(bad("wrong number of fields")),
         };
-        if !host.starts_with('/') {
-            return Err(bad("the host path must be absolute (named volumes are not supported)"));
-        }
         if !guest.starts_with('/') || guest.split('/').any(|c| c == "..") {
             return Err(bad("the guest path must be absolute and without `..`"));
         }
-        Ok(Volume { host: PathBuf::from(host), guest: guest.to_string(), readonly })
+        if host.starts_with('/') {
+            return Ok(Volume::bind(host, guest, readonly));
+        }
+        if host.contains('/') {
+            return Err(bad("a host path must be absolute; a name without `/` is a named volume"));
+        }
+        check_volume_name(host).map_err(|e| bad(&e.to_string()))?;
+        Ok(Volume::named(host, guest, readonly))
     }
 }
 
@@ -165,18 +212,13 @@ pub fn parse_cpus(s: &str) -> Result<f64> {
 
 /// Checks an instance name (Docker's rule, and short enough to be a hostname).
 pub fn check_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::invalid(
-            "--name",
-            format!("`{name}`: use 1-63 letters, digits, `_`, `.` or `-`, starting with a letter or digit"),
-        ))
+    if docker_name(name, 63) {
+        return Ok(());
     }
+    Err(Error::invalid(
+        "--name",
+        format!("`{name}`: use 1-63 letters, digits, `_`, `.` or `-`, starting with a letter or digit"),
+    ))
 }
 
 /// Everything the user asked for when creating an instance.
@@ -387,9 +429,10 @@ mod tests {
     #[test]
     fn flag_syntaxes() {
         let v: Volume = "/srv/data:/data:ro".parse().unwrap();
-        assert_eq!(v, Volume { host: "/srv/data".into(), guest: "/data".into(), readonly: true });
+        assert_eq!(v, Volume::bind("/srv/data", "/data", true));
         assert!(!"/a:/b".parse::<Volume>().unwrap().readonly);
-        for bad in ["data:/data", "/a:b", "/a:/b:xx", "/a", "/a:/../b"] {
+        assert_eq!("data:/data:ro".parse::<Volume>().unwrap(), Volume::named("data", "/data", true));
+        for bad in ["./data:/data", "a/b:/data", "-x:/data", "/a:b", "/a:/b:xx", "/a", "/a:/../b", ":/a"] {
             assert!(bad.parse::<Volume>().is_err(), "{bad}");
         }
         assert_eq!(parse_memory("64m").unwrap(), 64 << 20);

@@ -1,7 +1,8 @@
 //! The persistent store: one SQLite database, `<root>/isla.db`, in WAL mode.
 //!
-//! One table, `instances`, holds every instance with its spec (JSON), status and the processes
-//! that own it. Multi-step operations first record an *intent* (`creating`, `removing`) with the
+//! The table `instances` holds every instance with its spec (JSON), status and the processes
+//! that own it; `volumes` holds the named volumes (schema version 2; a version-1 database is
+//! migrated in place, its instances kept). Multi-step operations first record an *intent* (`creating`, `removing`) with the
 //! pid and start time of the process doing them, in a transaction; when that process is gone
 //! and the intent is still there, [`crate::Manager::open`] rolls the creation back or finishes
 //! the removal. Name uniqueness is a `UNIQUE` constraint, so two concurrent `create`s of one
@@ -17,7 +18,7 @@ use crate::model::{Instance, InstanceSpec, Status};
 use crate::proc::Owner;
 
 /// The schema this code reads and writes.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE instances (
@@ -43,6 +44,26 @@ CREATE TABLE instances (
     error TEXT
 );
 ";
+
+/// Added by version 2: named volumes (`-v NAME:/path`, `isla volume`).
+const SCHEMA_V2: &str = "
+CREATE TABLE volumes (
+    name TEXT PRIMARY KEY,
+    created TEXT NOT NULL,
+    labels TEXT NOT NULL DEFAULT '{}'
+);
+";
+
+/// A named volume as the store has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeRow {
+    /// The name.
+    pub name: String,
+    /// RFC 3339 creation time.
+    pub created: String,
+    /// Free-form labels (compose marks its volumes with the project).
+    pub labels: std::collections::BTreeMap<String, String>,
+}
 
 /// An intent left by a multi-step operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,18 +153,21 @@ impl Store {
         self.immediate(|tx| {
             let v: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(self.db())?;
             match v {
-                0 => {
-                    tx.execute_batch(SCHEMA).map_err(self.db())?;
-                    tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(self.db())
+                SCHEMA_VERSION => return Ok(()),
+                0 => tx.execute_batch(SCHEMA).map_err(self.db())?,
+                1 => {}
+                other => {
+                    return Err(Error::Db {
+                        path: self.path.clone(),
+                        source: rusqlite::Error::InvalidParameterName(format!(
+                            "schema version {other} is newer than this isla understands ({SCHEMA_VERSION}); use a newer isla"
+                        )),
+                    })
                 }
-                SCHEMA_VERSION => Ok(()),
-                other => Err(Error::Db {
-                    path: self.path.clone(),
-                    source: rusqlite::Error::InvalidParameterName(format!(
-                        "schema version {other} is newer than this isla understands ({SCHEMA_VERSION}); use a newer isla"
-                    )),
-                }),
             }
+            // Each step upgrades one version; all run in this one transaction.
+            tx.execute_batch(SCHEMA_V2).map_err(self.db())?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(self.db())
         })
     }
 
@@ -198,32 +222,112 @@ impl Store {
         })
     }
 
-    /// Records a new instance with the `creating` intent owned by `owner`. A taken name gives
-    /// [`Error::NameInUse`].
+    /// Records a new instance with the `creating` intent owned by `owner`, and the named
+    /// volumes it uses that do not exist yet, in one transaction (so a concurrent `volume rm`
+    /// sees either no volume or a volume in use). A taken name gives [`Error::NameInUse`].
     pub fn insert_creating(&self, inst: &Instance, owner: Owner) -> Result<()> {
         let spec = serde_json::to_string(&inst.spec).map_err(|e| Error::invalid("spec", e.to_string()))?;
-        let res = self.conn.execute(
-            "INSERT INTO instances (id, name, kind, spec, intent, intent_pid, intent_start, status, created)
-             VALUES (?1, ?2, ?3, ?4, 'creating', ?5, ?6, 'created', ?7)",
-            params![
-                inst.id,
-                inst.spec.name,
-                inst.spec.kind.as_str(),
-                spec,
-                owner.pid,
-                owner.start as i64,
-                inst.created
-            ],
-        );
-        match res {
-            Ok(_) => Ok(()),
-            Err(rusqlite::Error::SqliteFailure(e, Some(msg)))
-                if e.code == rusqlite::ErrorCode::ConstraintViolation && msg.contains("name") =>
-            {
-                Err(Error::NameInUse(inst.spec.name.clone()))
+        self.immediate(|tx| {
+            for v in inst.spec.volumes.iter().filter_map(|v| v.name.as_deref()) {
+                tx.execute("INSERT OR IGNORE INTO volumes (name, created) VALUES (?1, ?2)", params![v, inst.created])
+                    .map_err(self.db())?;
             }
-            Err(e) => Err(self.db()(e)),
-        }
+            let res = tx.execute(
+                "INSERT INTO instances (id, name, kind, spec, intent, intent_pid, intent_start, status, created)
+                 VALUES (?1, ?2, ?3, ?4, 'creating', ?5, ?6, 'created', ?7)",
+                params![
+                    inst.id,
+                    inst.spec.name,
+                    inst.spec.kind.as_str(),
+                    spec,
+                    owner.pid,
+                    owner.start as i64,
+                    inst.created
+                ],
+            );
+            match res {
+                Ok(_) => Ok(()),
+                Err(rusqlite::Error::SqliteFailure(e, Some(msg)))
+                    if e.code == rusqlite::ErrorCode::ConstraintViolation && msg.contains("name") =>
+                {
+                    Err(Error::NameInUse(inst.spec.name.clone()))
+                }
+                Err(e) => Err(self.db()(e)),
+            }
+        })
+    }
+
+    fn volume_row(r: &Row<'_>) -> rusqlite::Result<VolumeRow> {
+        let labels: String = r.get("labels")?;
+        Ok(VolumeRow {
+            name: r.get("name")?,
+            created: r.get("created")?,
+            labels: serde_json::from_str(&labels).unwrap_or_default(),
+        })
+    }
+
+    /// Records the volume `name` unless it exists; the row, and whether it was new.
+    pub fn volume_create(
+        &self,
+        name: &str,
+        labels: &std::collections::BTreeMap<String, String>,
+        created: &str,
+    ) -> Result<(VolumeRow, bool)> {
+        let labels = serde_json::to_string(labels).map_err(|e| Error::invalid("labels", e.to_string()))?;
+        self.immediate(|tx| {
+            let n = tx
+                .execute(
+                    "INSERT OR IGNORE INTO volumes (name, created, labels) VALUES (?1, ?2, ?3)",
+                    params![name, created, labels],
+                )
+                .map_err(self.db())?;
+            let row = tx
+                .query_row("SELECT * FROM volumes WHERE name = ?1", params![name], Self::volume_row)
+                .map_err(self.db())?;
+            Ok((row, n == 1))
+        })
+    }
+
+    /// The volume `name`, if recorded.
+    pub fn volume_get(&self, name: &str) -> Result<Option<VolumeRow>> {
+        self.conn
+            .query_row("SELECT * FROM volumes WHERE name = ?1", params![name], Self::volume_row)
+            .optional()
+            .map_err(self.db())
+    }
+
+    /// Every volume, by name.
+    pub fn volume_list(&self) -> Result<Vec<VolumeRow>> {
+        let mut st = self.conn.prepare("SELECT * FROM volumes ORDER BY name").map_err(self.db())?;
+        let rows = st.query_map([], Self::volume_row).map_err(self.db())?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(self.db())
+    }
+
+    /// Names of the instances (in any state) whose spec mounts the volume `name`.
+    pub fn volume_users(&self, name: &str) -> Result<Vec<String>> {
+        Ok(self
+            .list()?
+            .into_iter()
+            .filter(|r| r.instance.spec.volumes.iter().any(|v| v.name.as_deref() == Some(name)))
+            .map(|r| r.instance.spec.name)
+            .collect())
+    }
+
+    /// Removes the volume `name` unless an instance uses it: `remove_data` deletes its files
+    /// while the write lock is held, so no instance can start using it in between.
+    pub fn volume_remove(&self, name: &str, remove_data: impl FnOnce() -> Result<()>) -> Result<()> {
+        self.immediate(|tx| {
+            if self.volume_get(name)?.is_none() {
+                return Err(Error::NoSuchVolume(name.to_string()));
+            }
+            let users = self.volume_users(name)?;
+            if !users.is_empty() {
+                return Err(Error::VolumeInUse { name: name.to_string(), users: users.join(", ") });
+            }
+            remove_data()?;
+            tx.execute("DELETE FROM volumes WHERE name = ?1", params![name]).map_err(self.db())?;
+            Ok(())
+        })
     }
 
     /// Sets (or with None clears) the intent of `id`.
@@ -466,5 +570,57 @@ mod tests {
         s.release_supervisor("00aa").unwrap();
         assert!(s.claim_supervisor("00aa", Owner::current(), true).unwrap());
         assert_eq!(s.count_restart("00aa").unwrap(), 1);
+    }
+
+    #[test]
+    fn version_1_databases_are_migrated_keeping_instances() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // A database as version 1 wrote it, with one instance.
+            let c = Connection::open(dir.path().join("isla.db")).unwrap();
+            c.execute_batch(SCHEMA).unwrap();
+            c.pragma_update(None, "user_version", 1).unwrap();
+            let spec = serde_json::to_string(&InstanceSpec::container("old", "busybox")).unwrap();
+            c.execute(
+                "INSERT INTO instances (id, name, kind, spec, status, created) VALUES ('0011', 'old', 'container', ?1, 'stopped', 't')",
+                params![spec],
+            )
+            .unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        let v: i64 = s.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        let r = s.find("old").unwrap();
+        assert_eq!((r.instance.id.as_str(), r.instance.status), ("0011", Status::Stopped));
+        assert!(r.instance.spec.volumes.is_empty());
+        assert!(s.volume_list().unwrap().is_empty());
+        // A newer schema is refused, and the data stays.
+        s.conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1).unwrap();
+        drop(s);
+        let e = Store::open(dir.path()).err().unwrap().to_string();
+        assert!(e.contains("newer than this isla understands"), "{e}");
+    }
+
+    #[test]
+    fn volumes_in_use_are_not_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let mut i = inst("00bb", "user");
+        i.spec.volumes = vec![crate::model::Volume::named("data", "/data", false)];
+        // Creating an instance records the volume it names.
+        s.insert_creating(&i, Owner::current()).unwrap();
+        assert_eq!(s.volume_list().unwrap().iter().map(|v| v.name.as_str()).collect::<Vec<_>>(), ["data"]);
+        let (_, new) = s.volume_create("data", &Default::default(), "t").unwrap();
+        assert!(!new);
+        let mut called = false;
+        let e = s.volume_remove("data", || {
+            called = true;
+            Ok(())
+        });
+        assert!(matches!(e, Err(Error::VolumeInUse { ref users, .. }) if users == "user"), "{e:?}");
+        assert!(!called, "the files of a volume in use were touched");
+        s.delete("00bb").unwrap();
+        s.volume_remove("data", || Ok(())).unwrap();
+        assert!(matches!(s.volume_remove("data", || Ok(())), Err(Error::NoSuchVolume(_))));
     }
 }

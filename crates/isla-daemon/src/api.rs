@@ -59,16 +59,17 @@ impl From<isla_core::Error> for ApiError {
 type ApiResult<T> = Result<T, ApiError>;
 
 /// Runs `f` with a freshly opened manager on the blocking pool (the manager is blocking). The
-/// open repairs what crashed commands left, as every CLI command does.
+/// open repairs what crashed commands left, as every CLI command does. `f` owns the manager
+/// (a followed log keeps it).
 async fn with_manager<T: Send + 'static>(
     st: &State,
-    f: impl FnOnce(&Manager) -> isla_core::Result<T> + Send + 'static,
+    f: impl FnOnce(Manager) -> isla_core::Result<T> + Send + 'static,
 ) -> ApiResult<T> {
     let (root, helper) = (st.root.clone(), st.helper.clone());
     tokio::task::spawn_blocking(move || {
         let m = Manager::open_with_helper(&root, helper)?;
         m.reconcile()?;
-        f(&m)
+        f(m)
     })
     .await
     .map_err(|e| ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, msg: format!("request task failed: {e}") })?
@@ -94,7 +95,7 @@ pub struct CreateBody {
     pub workdir: Option<String>,
     /// Published ports, `-p` syntax.
     pub ports: Vec<String>,
-    /// Bind mounts, `-v` syntax.
+    /// Mounts, `-v` syntax: host directories or named volumes.
     pub volumes: Vec<String>,
     /// CPU limit.
     pub cpus: Option<f64>,
@@ -260,25 +261,122 @@ async fn action(
     Ok(Json(inst))
 }
 
+/// A log record as JSON (`text` with invalid UTF-8 replaced).
+fn record_json(r: &isla_core::logs::Record) -> serde_json::Value {
+    json!({
+        "time": r.time,
+        "stream": match r.stream { isla_core::logs::Stream::Stdout => "stdout", isla_core::logs::Stream::Stderr => "stderr" },
+        "partial": !r.full,
+        "text": String::from_utf8_lossy(&r.text),
+    })
+}
+
+/// The log as a JSON array; with `follow=1`, NDJSON records streamed (chunked) until the
+/// instance ends, is removed, the client goes or the daemon stops.
 async fn logs(
     axum::extract::State(st): axum::extract::State<State>,
     Path(name): Path<String>,
     Query(q): Query<HashMap<String, String>>,
-) -> ApiResult<Json<Vec<serde_json::Value>>> {
+) -> ApiResult<Response> {
     let tail = number(&q, "tail")?.map(|n| n as usize);
-    let recs = with_manager(&st, move |m| m.logs(&name, tail)).await?;
-    Ok(Json(
-        recs.into_iter()
-            .map(|r| {
-                json!({
-                    "time": r.time,
-                    "stream": match r.stream { isla_core::logs::Stream::Stdout => "stdout", isla_core::logs::Stream::Stderr => "stderr" },
-                    "partial": !r.full,
-                    "text": String::from_utf8_lossy(&r.text),
-                })
+    if !flag(&q, "follow")? {
+        let recs = with_manager(&st, move |m| m.logs(&name, tail)).await?;
+        return Ok(Json(recs.iter().map(record_json).collect::<Vec<_>>()).into_response());
+    }
+    // The first part (and an unknown instance's 404) before the stream starts.
+    let (m, id, first, offset) = with_manager(&st, move |m| {
+        let id = m.get(&name)?.id;
+        let (mut recs, offset) = m.logs_from(&id, 0)?;
+        if let Some(n) = tail {
+            recs.drain(..isla_core::logs::tail_start(&recs, n));
+        }
+        Ok((m, id, recs, offset))
+    })
+    .await?;
+    let follow = Follow { m: Some(m), id, offset, first: Some(ndjson(&first)), done: false, stop: st.shutdown.clone() };
+    let stream = futures_util::stream::unfold(follow, |mut f| async move {
+        f.next().await.map(|b| (Ok::<_, std::convert::Infallible>(b), f))
+    });
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response())
+}
+
+/// Records as NDJSON lines.
+fn ndjson(recs: &[isla_core::logs::Record]) -> Bytes {
+    Bytes::from(recs.iter().map(|r| record_json(r).to_string() + "\n").collect::<String>())
+}
+
+/// A followed log: what the file gains is read every 200 ms (on the blocking pool, holding no
+/// thread in between) until the instance is no longer running or paused (its last lines
+/// included), is removed, or the daemon stops. A client that goes away drops the stream.
+struct Follow {
+    /// The manager, moved into each blocking read and back.
+    m: Option<Manager>,
+    id: String,
+    offset: u64,
+    first: Option<Bytes>,
+    done: bool,
+    stop: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Follow {
+    /// The next chunk, or None at the end.
+    async fn next(&mut self) -> Option<Bytes> {
+        if let Some(b) = self.first.take() {
+            return Some(b);
+        }
+        loop {
+            if self.done || *self.stop.borrow() {
+                return None;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = self.stop.changed() => return None,
+            }
+            let (m, id, offset) = (self.m.take()?, self.id.clone(), self.offset);
+            let (m, read) = tokio::task::spawn_blocking(move || {
+                // Status first, then the log: the last output of an instance that just ended
+                // is read.
+                let active = m.get(&id).map(|i| i.status.is_active());
+                let read = active.and_then(|a| Ok((a, m.logs_from(&id, offset)?)));
+                (m, read)
             })
-            .collect(),
-    ))
+            .await
+            .ok()?;
+            self.m = Some(m);
+            let (active, (recs, next)) = read.ok()?;
+            self.offset = next;
+            self.done = !active;
+            if !recs.is_empty() {
+                return Some(ndjson(&recs));
+            }
+        }
+    }
+}
+
+/// The body of `POST /v1/instances/{name}/exec`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExecBody {
+    /// Program and arguments (required).
+    pub command: Vec<String>,
+    /// `KEY=VALUE` settings.
+    pub env: Vec<String>,
+    /// Working directory (containers only).
+    pub workdir: Option<String>,
+}
+
+/// Runs a command in a running instance: `{"exit_code", "stdout", "stderr"}`.
+async fn exec(
+    axum::extract::State(st): axum::extract::State<State>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<isla_core::ExecOutput>> {
+    let b: ExecBody = parse_body(&body)?;
+    if b.command.is_empty() {
+        return Err(ApiError::bad("field `command`: give the program and its arguments, e.g. [\"ls\", \"/\"]"));
+    }
+    let req = isla_core::ExecRequest { args: b.command, env: b.env, workdir: b.workdir, tty: false };
+    Ok(Json(with_manager(&st, move |m| m.exec_output(&name, &req)).await?))
 }
 
 async fn stats(
@@ -315,7 +413,7 @@ async fn events(axum::extract::State(st): axum::extract::State<State>) -> Respon
 }
 
 async fn metrics(axum::extract::State(st): axum::extract::State<State>) -> ApiResult<Response> {
-    let text = with_manager(&st, crate::metrics::render).await?;
+    let text = with_manager(&st, |m| crate::metrics::render(&m)).await?;
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
 
@@ -335,6 +433,7 @@ pub fn router(state: State) -> Router {
         .route("/v1/instances/{name}", get(inspect).delete(remove))
         .route("/v1/instances/{name}/logs", get(logs))
         .route("/v1/instances/{name}/stats", get(stats))
+        .route("/v1/instances/{name}/exec", post(exec))
         .route("/v1/instances/{name}/{action}", post(action))
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
@@ -391,7 +490,7 @@ mod tests {
         assert!(err(r#"{"kind": "zone"}"#).contains("field `kind`"));
         assert!(err(r#"{"name": "a""#).contains("request body"));
         assert!(err(r#"{"ports": ["80:80", "x"]}"#).contains("field `ports[1]`"));
-        assert!(err(r#"{"volumes": ["rel:/x"]}"#).contains("field `volumes[0]`"));
+        assert!(err(r#"{"volumes": ["rel/x:/x"]}"#).contains("field `volumes[0]`"));
         assert!(err(r#"{"memory": "lots"}"#).contains("field `memory`"));
         assert!(err(r#"{"memory": -1}"#).contains("field `memory`"));
         assert!(err(r#"{"cpus": 0}"#).contains("field `cpus`"));

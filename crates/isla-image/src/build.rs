@@ -3,7 +3,10 @@
 //! Supported: one `FROM image|scratch`, `COPY`/`ADD` of local files and directories (`ADD` of
 //! URLs and auto-extraction of archives are not supported and say so), `RUN` (shell and JSON
 //! forms, run by a [`RunStep`]), `ENV`, `WORKDIR`, `USER`, `EXPOSE`, `ENTRYPOINT`, `CMD`,
-//! `LABEL`. Lines continue with `\`, `#` starts a comment.
+//! `LABEL`, `ARG NAME[=default]` (the value given to [`Builder::build_with_args`], else the
+//! default, is in the environment of later RUN steps, under ENV of the same name, and is not
+//! kept in the image; `$NAME` in other instructions is not substituted). Lines continue with
+//! `\`, `#` starts a comment.
 //!
 //! Every step that makes a layer (RUN, COPY, ADD) runs in an overlay over the layers so far, and
 //! the overlay's upper directory becomes the layer (whiteouts converted to OCI form). Each such
@@ -158,6 +161,8 @@ struct State {
     layers: Vec<LayerDesc>,
     config: ImageConfiguration,
     key: String,
+    /// Build arguments declared with ARG so far: `NAME=value` for the RUN environment.
+    args: Vec<String>,
 }
 
 fn hash_parts(parts: &[&[u8]]) -> String {
@@ -218,6 +223,16 @@ impl Builder<'_> {
 
     /// Runs the Containerfile `text` and names the result `tag`.
     pub fn build(&self, text: &str, tag: Option<&str>) -> Result<BuildReport> {
+        self.build_with_args(text, tag, &std::collections::BTreeMap::new())
+    }
+
+    /// [`Builder::build`] with values for the file's `ARG`s (`--build-arg NAME=VALUE`).
+    pub fn build_with_args(
+        &self,
+        text: &str,
+        tag: Option<&str>,
+        build_args: &std::collections::BTreeMap<String, String>,
+    ) -> Result<BuildReport> {
         let _w = self.store.writer_lock()?;
         let instrs = parse(text, &self.file)?;
         let first = &instrs[0];
@@ -231,11 +246,20 @@ impl Builder<'_> {
             if self.verbose {
                 eprintln!("STEP {}/{}: {} {}", n + 1, total, ins.keyword, ins.args);
             }
-            let made = self.step(&mut state, ins)?;
+            let made = self.step(&mut state, ins, build_args)?;
             match made {
                 Some(true) => cached += 1,
                 Some(false) => executed += 1,
                 None => {}
+            }
+        }
+        if self.verbose {
+            let declared = |k: &str| {
+                instrs.iter().any(|i| i.keyword == "ARG" && i.args.split('=').next().map(str::trim) == Some(k))
+            };
+            let unused: Vec<&str> = build_args.keys().map(String::as_str).filter(|k| !declared(k)).collect();
+            if !unused.is_empty() {
+                eprintln!("warning: build arguments without an ARG in {}: {}", self.file, unused.join(", "));
             }
         }
         let mut config = state.config.clone();
@@ -255,15 +279,25 @@ impl Builder<'_> {
                 "architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}
             }))
             .map_err(|e| self.err(ins.line, e.to_string()))?;
-            return Ok(State { layers: vec![], config, key: hash_parts(&[b"scratch"]) });
+            return Ok(State { layers: vec![], config, key: hash_parts(&[b"scratch"]), args: vec![] });
         }
         let img = crate::busybox::resolve_or_make(self.store, base).map_err(|e| self.err(ins.line, e.to_string()))?;
         let layers = self.store.layers_of(&img)?;
-        Ok(State { layers, config: img.config.clone(), key: hash_parts(&[b"from", img.digest.to_string().as_bytes()]) })
+        Ok(State {
+            layers,
+            config: img.config.clone(),
+            key: hash_parts(&[b"from", img.digest.to_string().as_bytes()]),
+            args: vec![],
+        })
     }
 
     /// Applies one instruction. Returns Some(cached?) for layer steps, None for metadata.
-    fn step(&self, st: &mut State, ins: &Instruction) -> Result<Option<bool>> {
+    fn step(
+        &self,
+        st: &mut State,
+        ins: &Instruction,
+        build_args: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Option<bool>> {
         let line = ins.line;
         let args = ins.args.as_str();
         let mut extra = Vec::new();
@@ -338,7 +372,34 @@ impl Builder<'_> {
                 });
                 None
             }
-            "RUN" => Some(self.layer_step(st, ins, &extra, |m, config| self.runner.run(&m.merged, config, &command(args)))?),
+            "ARG" => {
+                let (name, default) = args.split_once('=').map_or((args, None), |(n, d)| (n, Some(d)));
+                let name = name.trim();
+                if name.is_empty() || name.contains(char::is_whitespace) {
+                    return Err(self.err(line, "ARG takes one NAME or NAME=default"));
+                }
+                let default = default.map(|d| split_words(d).map(|w| w.join(" "))).transpose();
+                let default = default.map_err(|e| self.err(line, format!("ARG: {e}")))?;
+                if let Some(v) = build_args.get(name).cloned().or(default) {
+                    // The value is part of the cache key of every later step.
+                    extra = v.clone().into_bytes();
+                    st.args.retain(|a| a.split_once('=').map(|(k, _)| k) != Some(name));
+                    st.args.push(format!("{name}={v}"));
+                }
+                None
+            }
+            "RUN" => {
+                let run_args = st.args.clone();
+                Some(self.layer_step(st, ins, &extra, |m, config| {
+                    let mut config = config.clone();
+                    let mut env = config.env().clone().unwrap_or_default();
+                    let set = |a: &String| env.iter().any(|e| e.split_once('=').map(|(k, _)| k) == a.split_once('=').map(|(k, _)| k));
+                    let from_args: Vec<String> = run_args.iter().filter(|a| !set(a)).cloned().collect();
+                    env.extend(from_args);
+                    config.set_env(Some(env));
+                    self.runner.run(&m.merged, &config, &command(args))
+                })?)
+            }
             "COPY" | "ADD" => {
                 let (srcs, dest, chown) = self.copy_args(ins)?;
                 let mut h = Sha256::new();
@@ -350,7 +411,7 @@ impl Builder<'_> {
                 let workdir = st.config.config().as_ref().and_then(|c| c.working_dir().clone()).unwrap_or_else(|| "/".into());
                 Some(self.layer_step(st, ins, &extra, |m, _| copy_into(&m.merged, &srcs, &dest, &workdir, chown).map_err(|e| self.err(line, e.to_string())))?)
             }
-            other => return Err(self.err(line, format!("{other} is not supported (supported: FROM RUN COPY ADD ENV WORKDIR USER EXPOSE ENTRYPOINT CMD LABEL)"))),
+            other => return Err(self.err(line, format!("{other} is not supported (supported: FROM RUN COPY ADD ENV ARG WORKDIR USER EXPOSE ENTRYPOINT CMD LABEL)"))),
         };
         let cfg_json = serde_json::to_vec(st.config.config()).unwrap_or_default();
         st.key = hash_parts(&[st.key.as_bytes(), ins.keyword.as_bytes(), ins.args.as_bytes(), &extra, &cfg_json]);

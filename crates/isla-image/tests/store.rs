@@ -280,3 +280,40 @@ fn gc_keeps_what_is_named_and_removes_the_rest() {
     let f = s.fsck(false).expect("fsck");
     assert!(f.is_consistent() && f.leftovers.is_empty(), "{f:?}");
 }
+
+#[test]
+fn arg_values_reach_run_steps_only() {
+    let (_d, s) = store();
+    let ctx = tempfile::tempdir().expect("tempdir");
+    let runner = ChrootRunner;
+    let builder = Builder {
+        store: &s,
+        context: ctx.path().to_path_buf(),
+        file: "Containerfile".into(),
+        runner: &runner,
+        verbose: false,
+    };
+    let file = "FROM busybox\nARG A=\"the default\"\nARG B\nENV B=from-env\nRUN echo \"$A|$B\" > /args\n";
+    let read = |tag: &str| {
+        let m = s.prepare_rootfs(tag, "args").expect("prepare");
+        m.mount().expect("mount");
+        let text = fs::read_to_string(m.merged.join("args"));
+        m.unmount().expect("unmount");
+        s.remove_rootfs("args").expect("remove rootfs");
+        text.expect("/args")
+    };
+    let given: std::collections::BTreeMap<String, String> =
+        [("A".to_string(), "given".to_string()), ("B".to_string(), "arg".to_string())].into();
+    let r1 = builder.build_with_args(file, Some("args:1"), &given).expect("build");
+    // ENV wins over an ARG of the same name; the ARG is not kept in the image.
+    assert_eq!(read("args:1"), "given|from-env\n");
+    let env = s.resolve("args:1").expect("resolve").config.config().clone().and_then(|c| c.env().clone());
+    assert!(!env.unwrap_or_default().iter().any(|e| e.starts_with("A=")));
+    // Without values the default applies, and the RUN step is not taken from the cache.
+    let r2 = builder.build(file, Some("args:2")).expect("build");
+    assert_eq!(read("args:2"), "the default|from-env\n");
+    assert_ne!(r1.digest, r2.digest);
+    assert_eq!(r2.executed, 1);
+    let bad = builder.build("FROM busybox\nARG\n", None).expect_err("ARG without a name");
+    assert!(bad.to_string().contains("ARG takes one NAME"), "{bad}");
+}
