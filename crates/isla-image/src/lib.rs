@@ -37,6 +37,7 @@ pub mod registry;
 pub mod rootfs;
 pub mod run;
 pub mod store;
+pub mod vmdisk;
 
 pub use error::{Error, Result};
 pub use progress::{Progress, Quiet};
