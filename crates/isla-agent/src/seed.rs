@@ -16,7 +16,7 @@
 //! environment safely; a JSON document can.
 //!
 //! In the guest, [`run_image`] (the agent binary's `--image ROOT SEED` mode) reads the run file,
-//! writes `/etc/hostname`, `/etc/hosts` and `/etc/resolv.conf` into the image, enters the image
+//! sets the host name, writes `/etc/hostname`, `/etc/hosts` and `/etc/resolv.conf` into the image, enters the image
 //! root with `chroot`, starts the process (environment, working directory, uid/gid from the
 //! file) and waits for it; the same process serves the agent meanwhile, so `isla exec` runs in
 //! the image's root too.
@@ -144,6 +144,10 @@ pub fn run_image(root: &Path, seed: &Path, serve: impl FnOnce()) -> io::Result<i
     }
     if !rf.resolv_conf.is_empty() {
         write_file(&etc.join("resolv.conf"), &rf.resolv_conf)?;
+    }
+    // The kernel's host name (the network's `ip=` may have set it already; the same name).
+    if let Err(e) = std::fs::write("/proc/sys/kernel/hostname", &rf.hostname) {
+        eprintln!("isla-init: setting the host name {:?}: {e}", rf.hostname);
     }
     std::os::unix::fs::chroot(root)?;
     std::env::set_current_dir("/")?;
