@@ -134,7 +134,9 @@ pub(crate) fn resolve_image(env: &Env, spec: &InstanceSpec) -> Result<isla_image
     match isla_image::busybox::resolve_or_make(&env.images, image) {
         Err(isla_image::Error::NotFound(_)) => Err(Error::invalid(
             "image",
-            format!("no image `{image}` in the store (see `isla image ls`; `isla image pull` or `isla build` it first)"),
+            format!(
+                "no image `{image}` in the store (see `isla image ls`; `isla image pull` or `isla build` it first)"
+            ),
         )),
         r => Ok(r?),
     }

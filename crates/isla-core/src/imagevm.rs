@@ -118,7 +118,8 @@ pub(crate) fn start_args(env: &Env, inst: &Instance, hosts: Option<String>) -> R
     let mut rf: RunFile =
         serde_json::from_slice(&text).map_err(|e| Error::invalid(p.display().to_string(), e.to_string()))?;
     let name = &inst.spec.name;
-    rf.hosts = hosts.unwrap_or_else(|| format!("127.0.0.1\tlocalhost {name}\n::1\tlocalhost ip6-localhost ip6-loopback\n"));
+    rf.hosts =
+        hosts.unwrap_or_else(|| format!("127.0.0.1\tlocalhost {name}\n::1\tlocalhost ip6-localhost ip6-loopback\n"));
     rf.resolv_conf = if inst.spec.network_name().is_some() { crate::container::resolv_conf() } else { String::new() };
     let bytes = rf.to_seed().map_err(|e| Error::invalid("run file", e.to_string()))?;
     let seed = dir_file(env, inst, "seed.img");
@@ -132,7 +133,10 @@ pub(crate) fn start_args(env: &Env, inst: &Instance, hosts: Option<String>) -> R
 fn path_arg(p: &Path) -> Result<String> {
     match p.to_str() {
         Some(s) if !s.contains(',') => Ok(s.to_string()),
-        _ => Err(Error::invalid("--root", format!("{}: the monitor's --disk needs a UTF-8 path without ','", p.display()))),
+        _ => Err(Error::invalid(
+            "--root",
+            format!("{}: the monitor's --disk needs a UTF-8 path without ','", p.display()),
+        )),
     }
 }
 
