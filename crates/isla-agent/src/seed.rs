@@ -225,7 +225,8 @@ mod tests {
 
     #[test]
     fn bad_run_files_are_refused_with_the_field_named() {
-        let cases: [(fn(&mut RunFile), &str); 4] = [
+        type Spoil = fn(&mut RunFile);
+        let cases: [(Spoil, &str); 4] = [
             (|r| r.argv.clear(), "argv"),
             (|r| r.env.push("NOEQUALS".into()), "env"),
             (|r| r.workdir = "srv".into(), "workdir"),

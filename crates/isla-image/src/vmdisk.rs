@@ -160,7 +160,7 @@ impl Store {
     /// runs `f` with its path, and unmounts and deletes it again, also when `f` fails.
     pub fn with_image_root<T>(&self, img: &Image, f: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
         let id = crate::store::unique("vmroot");
-        let m = self.prepare_rootfs(&img.digest.to_string(), &id)?;
+        let m = self.prepare_rootfs(img.digest.as_ref(), &id)?;
         let r = m.mount().and_then(|()| f(&m.merged));
         let cleanup = self.remove_rootfs(&id);
         let t = r?;
