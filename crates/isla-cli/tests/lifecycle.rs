@@ -472,6 +472,8 @@ fn microvm_instances_boot_container_images() {
     assert!(err.contains("no-such-program"), "{err}");
     let err = lab.fails(&["run", "--kind", "microvm", "--rootfs", "/etc/hostname", "mark:1", "true"]);
     assert!(err.contains("drop --rootfs"), "{err}");
+    let err = lab.fails(&["run", "--kind", "microvm", "--kernel", "/etc/hostname", "mark:1", "true"]);
+    assert!(err.contains("drop --kernel"), "{err}");
     assert!(lab.ps_names().is_empty(), "{:?}", lab.ps_names());
 
     let script = "cat /etc/hostname; echo \"$FOO $GREETING\"; pwd; id -u; cat marker; grep -w iv /etc/hosts; \

@@ -50,6 +50,12 @@ pub(crate) fn check(env: &Env, spec: &InstanceSpec) -> Result<()> {
     if spec.rootfs.is_some() {
         return Err(Error::invalid("--rootfs", "a container image is the microVM's root file system; drop --rootfs"));
     }
+    if spec.kernel.is_some() {
+        return Err(Error::invalid(
+            "--kernel",
+            "a container image boots on the guest kit's kernel and initramfs (its init runs the image); drop --kernel",
+        ));
+    }
     process_of(&resolve_image(env, spec)?, spec).map(drop)
 }
 
@@ -76,7 +82,12 @@ pub(crate) fn create(env: &Env, inst: &Instance) -> Result<()> {
     let rf = run_file(inst, &img)?;
     let name = inst.spec.image.clone().unwrap_or_default();
     let (base, built) = env.images.with_image_root(&img, |root| {
-        if isla_image::vmdisk::find_program(root, &rf.argv[0], rf.path())?.is_none() {
+        // A relative path with a slash is relative to the working directory, as for execvp.
+        let prog = match &rf.argv[0] {
+            p if p.contains('/') && !p.starts_with('/') => format!("{}/{p}", rf.workdir),
+            p => p.clone(),
+        };
+        if isla_image::vmdisk::find_program(root, &prog, rf.path())?.is_none() {
             return Err(isla_image::Error::invalid(
                 "command",
                 format!(
@@ -111,8 +122,12 @@ pub(crate) fn create(env: &Env, inst: &Instance) -> Result<()> {
 }
 
 /// Writes the seed disk for this start and returns the monitor's extra arguments and kernel
-/// command-line words. `hosts` is the network's hosts file, if the instance has a network.
-pub(crate) fn start_args(env: &Env, inst: &Instance, hosts: Option<String>) -> Result<(Vec<String>, Vec<String>)> {
+/// command-line words. `attached`: the instance is on its network now (its hosts file exists).
+pub(crate) fn start_args(env: &Env, inst: &Instance, attached: bool) -> Result<(Vec<String>, Vec<String>)> {
+    let hosts = match inst.spec.network_name().filter(|_| attached) {
+        Some(net) => Some(env.networks()?.hosts_file(net, &inst.id)?),
+        None => None,
+    };
     let p = dir_file(env, inst, "run.json");
     let text = std::fs::read(&p).map_err(io(format!("reading {}", p.display())))?;
     let mut rf: RunFile =

@@ -71,14 +71,7 @@ impl Driver for MicrovmDriver {
             attachment = Some(a);
         }
         if imagevm::is_image(spec) {
-            let seeded = || -> Result<_> {
-                let hosts = match (spec.network_name(), &attachment) {
-                    (Some(net), Some(_)) => Some(env.networks()?.hosts_file(net, &inst.id)?),
-                    _ => None,
-                };
-                imagevm::start_args(env, inst, hosts)
-            };
-            match seeded() {
+            match imagevm::start_args(env, inst, attachment.is_some()) {
                 Ok((args, words)) => {
                     cmd.args(args);
                     cmdline.extend(words);
