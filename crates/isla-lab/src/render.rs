@@ -110,11 +110,7 @@ fn peer_table(r: &Results) -> Table {
     for kind in Kind::ALL {
         let Some(isla) = r.isla(kind) else { continue };
         for p in r.peers(kind) {
-            let ratio = |k: &str| match (p.figure(k).and_then(Figure::median), isla.figure(k).and_then(Figure::median))
-            {
-                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
-                _ => "-".into(),
-            };
+            let ratio = |k: &str| ratio_cell(p.figure(k), isla.figure(k));
             rows.push(vec![
                 kind.title().to_string(),
                 p.name.clone(),
@@ -126,6 +122,45 @@ fn peer_table(r: &Results) -> Table {
         }
     }
     Table { head: head.iter().map(|s| s.to_string()).collect(), rows }
+}
+
+/// The workloads inside each peer against the same workloads inside isla's instance of that kind,
+/// as ratios (peer / isla) of the medians, one column per peer that ran them; above 1 means the
+/// peer did more (or, for latencies, took longer).
+fn peer_workload_table(r: &Results) -> Table {
+    let mut pairs = Vec::new();
+    for kind in Kind::ALL {
+        let Some(isla) = r.isla(kind) else { continue };
+        for p in r.peers(kind) {
+            if key::WORKLOADS.iter().any(|k| p.figure(k).and_then(Figure::median).is_some()) {
+                pairs.push((kind, p, isla));
+            }
+        }
+    }
+    let mut head = vec!["Workload (peer/isla)".to_string()];
+    head.extend(pairs.iter().map(|(kind, p, _)| format!("{} {}", kind.title(), p.name)));
+    let rows = if pairs.is_empty() {
+        Vec::new()
+    } else {
+        key::WORKLOADS
+            .iter()
+            .map(|k| {
+                let title = r.baseline(k).map(|f| f.title.clone()).unwrap_or_else(|| k.to_string());
+                let mut row = vec![title];
+                row.extend(pairs.iter().map(|(_, p, isla)| ratio_cell(p.figure(k), isla.figure(k))));
+                row
+            })
+            .collect()
+    };
+    Table { head, rows }
+}
+
+/// `peer / isla` of two figures' medians, or "-" where either is missing.
+fn ratio_cell(peer: Option<&Figure>, isla: Option<&Figure>) -> String {
+    match (peer.and_then(Figure::median), isla.and_then(Figure::median)) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+        _ => "-".into(),
+    }
 }
 
 fn isolation_table(r: &Results) -> Table {
@@ -228,10 +263,11 @@ pub fn terminal(r: &Results) -> String {
     s.push_str(&text(&seed_table(r)));
     s.push('\n');
     s.push_str(&text(&workload_table(r)));
-    let peers = peer_table(r);
-    if !peers.rows.is_empty() {
-        s.push('\n');
-        s.push_str(&text(&peers));
+    for t in [peer_table(r), peer_workload_table(r)] {
+        if !t.rows.is_empty() {
+            s.push('\n');
+            s.push_str(&text(&t));
+        }
     }
     s
 }
@@ -256,6 +292,11 @@ fn blocks(r: &Results) -> Vec<Block> {
     if !peers.rows.is_empty() {
         v.push(Block::Heading("Peers (same run, ratios of medians)"));
         v.push(Block::Table(peers));
+    }
+    let peer_work = peer_workload_table(r);
+    if !peer_work.rows.is_empty() {
+        v.push(Block::Heading("Workloads inside the peers (same run, ratios of medians to isla's)"));
+        v.push(Block::Table(peer_work));
     }
     v.push(Block::Heading("Isolation, probed inside each kind"));
     v.push(Block::Table(isolation_table(r)));
@@ -434,6 +475,26 @@ mod tests {
         assert!(t.contains("0.50x"), "crun's start over isla's: {t}");
         let m = markdown(&r);
         assert!(m.contains("| Start time |") && m.contains("*Method:* timed <from> spawn"), "{m}");
+    }
+
+    #[test]
+    fn peers_that_ran_the_workloads_get_ratios_to_isla() {
+        let mut r = results();
+        assert!(peer_workload_table(&r).rows.is_empty(), "crun ran no workload: no table");
+        r.subjects[1].figures.push(Figure::from_samples(
+            key::CPU,
+            "CPU",
+            "events/s",
+            "sysbench".into(),
+            vec![450.0],
+            "",
+        ));
+        let t = peer_workload_table(&r);
+        assert_eq!(t.head, ["Workload (peer/isla)", &format!("{} crun", Kind::Container.title())]);
+        let cpu = t.rows.iter().find(|row| row[0] == "CPU").expect("a CPU row");
+        assert_eq!(cpu[1], "0.50x", "450 against isla's 900");
+        assert!(t.rows.iter().filter(|row| row[0] != "CPU").all(|row| row[1] == "-"), "{:?}", t.rows);
+        assert!(markdown(&r).contains("Workloads inside the peers"));
     }
 
     #[test]

@@ -244,8 +244,8 @@ fn not_run_subject(l: &Launcher, reason: &str, opts: &Options) -> Subject {
             density_method(opts, l.kind()),
             reason.into(),
         ));
-        figures.extend(workload_not_run(reason, opts.seconds()));
     }
+    figures.extend(workload_not_run(reason, opts.seconds()));
     Subject {
         name: l.name(),
         kind: l.kind(),
@@ -385,6 +385,16 @@ fn subject(l: &Launcher, env: &Env, opts: &Options, host_probe: Option<&Probe>, 
     if !l.is_peer() {
         progress.note(&format!("{}: density", l.name()));
         figures.extend(density(l, env, opts));
+    }
+    // Peers run the same workloads (for the peer ratios), unless they could not even start. Plain
+    // QEMU is the q35 machine with virtio-pci devices, which the kit's kernel has no driver for;
+    // the VM kind's workloads are isla's (QEMU's microvm machine).
+    if matches!(l, Launcher::Qemu(_)) {
+        let why = "plain QEMU (q35) gives the guest virtio-pci devices, and the kit's kernel has no virtio-pci driver";
+        figures.extend(workload_not_run(why, env.seconds));
+    } else if l.is_peer() && samples.is_empty() {
+        figures.extend(workload_not_run(&format!("the peer did not start: {reason}"), env.seconds));
+    } else {
         progress.note(&format!("{}: workloads", l.name()));
         figures.extend(workload(l, env, progress));
     }
