@@ -9,6 +9,10 @@
 //! uptime and load ([`Request::Info`]). Output is returned as text (invalid UTF-8 is replaced),
 //! capped at [`MAX_OUTPUT`] bytes per stream.
 //!
+//! [`seed`] is the seed disk of a container image booted as a microVM: the run file the host
+//! writes (what to run, as whom, where) and the status sector the guest writes back; the agent
+//! binary's `--image` mode runs that process in the image's root and serves the agent there.
+//!
 //! Written by hand: the protocol is a few lines of serde, and the guest side must stay one small
 //! static binary without an async runtime (no gRPC/ttrpc stack as Kata's agent uses).
 
@@ -19,6 +23,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+
+pub mod seed;
 
 /// The vsock port the agent listens on.
 pub const AGENT_PORT: u32 = 52;

@@ -396,8 +396,6 @@ fn microvm_instances_boot_the_guest_kit() {
     assert!(String::from_utf8_lossy(&o.stdout).contains("isla-init: cpus=1"), "{}", String::from_utf8_lossy(&o.stdout));
     assert_eq!(lab.status("vm2"), serde_json::json!({"state": "exited", "exit_code": 0}));
     assert!(lab.ok(&["logs", "vm2"]).contains("isla-init: powering off"));
-    let err = lab.fails(&["run", "--kind", "microvm", "busybox"]);
-    assert!(err.contains("not supported yet"), "{err}");
     lab.ok(&["rm", "vm2"]);
     assert!(lab.ids().is_empty() && lab.leftovers().is_empty(), "{:?} {:?}", lab.ids(), lab.leftovers());
 }
@@ -429,5 +427,100 @@ fn vm_instances_run_the_guest_kit_under_qemu() {
     lab.ok(&["stop", "-t", "2", "q2"]);
     assert_eq!(lab.status("q2")["state"], "stopped");
     lab.ok(&["rm", "q1", "q2"]);
+    assert!(lab.ids().is_empty() && lab.leftovers().is_empty(), "{:?} {:?}", lab.ids(), lab.leftovers());
+}
+
+/// A container image booted as a microVM (one boot; a second only if the first met the nested
+/// host's crash): the image's files, CMD-less command line, `-e`, the image's ENV, WORKDIR and
+/// USER, the host name and `/etc/hosts` of its network, `exec` in the image's root while the
+/// process runs, and the process's exit status as the instance's. Bad input is refused before
+/// anything boots and leaves nothing.
+#[test]
+fn microvm_instances_boot_container_images() {
+    if common::kvm_and_kit().is_none() {
+        return;
+    }
+    let lab = Lab::new("img");
+    let ctx = lab.root.join("ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(ctx.join("marker"), "from-the-image\n").unwrap();
+    std::fs::write(
+        ctx.join("Containerfile"),
+        "FROM busybox\nCOPY marker /srv/marker\nENV GREETING=hello\nWORKDIR /srv\nUSER 1000:1000\n",
+    )
+    .unwrap();
+    let images = lab.root.join("images");
+    let build = |tag: &str, dir: &Path| {
+        let mut c = common::isla();
+        c.arg("build").arg("--root").arg(&images).args(["-t", tag]).arg(dir);
+        common::expect_ok(&["build", tag], c.output().unwrap());
+    };
+    build("mark:1", &ctx);
+    // An image with one file: no shell, no ENTRYPOINT or CMD.
+    let bare = lab.root.join("bare");
+    std::fs::create_dir_all(&bare).unwrap();
+    std::fs::write(bare.join("data"), "no shell here\n").unwrap();
+    std::fs::write(bare.join("Containerfile"), "FROM scratch\nCOPY data /data\n").unwrap();
+    build("bare:1", &bare);
+
+    // Refused before anything is recorded or booted.
+    let err = lab.fails(&["run", "--kind", "microvm", "bare:1"]);
+    assert!(err.contains("neither ENTRYPOINT nor CMD"), "{err}");
+    let err = lab.fails(&["run", "--kind", "microvm", "bare:1", "sh"]);
+    assert!(err.contains("`sh` is not an executable file in image `bare:1`"), "{err}");
+    let err = lab.fails(&["run", "--kind", "microvm", "mark:1", "no-such-program"]);
+    assert!(err.contains("no-such-program"), "{err}");
+    let err = lab.fails(&["run", "--kind", "microvm", "--rootfs", "/etc/hostname", "mark:1", "true"]);
+    assert!(err.contains("drop --rootfs"), "{err}");
+    let err = lab.fails(&["run", "--kind", "microvm", "--kernel", "/etc/hostname", "mark:1", "true"]);
+    assert!(err.contains("drop --kernel"), "{err}");
+    assert!(lab.ps_names().is_empty(), "{:?}", lab.ps_names());
+
+    let script = "cat /etc/hostname; echo \"$FOO $GREETING\"; pwd; id -u; cat marker; grep -w iv /etc/hosts; \
+                  while [ ! -e /tmp/go ]; do sleep 1; done; exit 7";
+    let attempt = |name: &str| -> (Option<i32>, String) {
+        let run = lab
+            .cmd(&["run", "--kind", "microvm", "--name", name, "-e", "FOO=bar", "mark:1", "sh", "-c", script], &[])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The guest boots for tens of seconds here: exec until the agent answers (and again when
+        // an exec'd process meets the nested host's start-up crash, docs/nested-kvm.md).
+        let start = std::time::Instant::now();
+        loop {
+            let o = lab.isla(&["exec", name, "cat", "/srv/marker"]);
+            if o.status.success() {
+                assert_eq!(String::from_utf8_lossy(&o.stdout), "from-the-image\n");
+                break;
+            }
+            if start.elapsed() > std::time::Duration::from_secs(300) {
+                panic!("no exec answer from {name}: {}", common::stderr(&o));
+            }
+            std::thread::sleep(std::time::Duration::from_secs(2));
+        }
+        for _ in 0..3 {
+            if lab.isla(&["exec", name, "touch", "/tmp/go"]).status.success() {
+                break;
+            }
+        }
+        let o = run.wait_with_output().unwrap();
+        (o.status.code(), String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    let expected = ["iv\n", "bar hello\n", "/srv\n", "1000\n", "from-the-image\n", "\tiv iv.isla0\n"];
+    let complete = |out: &str| expected.iter().all(|l| out.contains(l));
+    let (mut code, mut out) = attempt("iv");
+    if code != Some(7) || !complete(&out) {
+        // One retry: a busybox start-up in the guest occasionally segfaults on this nested host
+        // (docs/nested-kvm.md, "Open problem"); the test must not hang on one unlucky process.
+        eprintln!("first boot did not complete (exit {code:?}): {out}");
+        lab.ok(&["rm", "-f", "iv"]);
+        (code, out) = attempt("iv");
+    }
+    assert_eq!(code, Some(7), "{out}");
+    assert!(complete(&out), "expected {expected:?} in: {out}");
+    assert_eq!(lab.status("iv"), serde_json::json!({"state": "exited", "exit_code": 7}));
+    assert!(lab.ok(&["logs", "iv"]).contains("from-the-image"));
+    lab.ok(&["rm", "iv"]);
     assert!(lab.ids().is_empty() && lab.leftovers().is_empty(), "{:?} {:?}", lab.ids(), lab.leftovers());
 }

@@ -68,15 +68,17 @@ fn running(env: &Env, inst: &Instance) -> Result<isla_container::Container> {
 }
 
 /// The process of an instance: the image's defaults merged with the spec.
-struct Proc {
-    args: Vec<String>,
-    env: Vec<String>,
-    cwd: String,
-    uid: u32,
-    gid: u32,
+pub(crate) struct Proc {
+    pub args: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub uid: u32,
+    pub gid: u32,
 }
 
-fn process_of(img: &isla_image::Image, spec: &InstanceSpec) -> Result<Proc> {
+/// The image's ENTRYPOINT, CMD (or the command line), ENV (with `-e`), WORKDIR (or `-w`) and
+/// numeric USER.
+pub(crate) fn process_of(img: &isla_image::Image, spec: &InstanceSpec) -> Result<Proc> {
     let cfg = img.config.config().clone().unwrap_or_default();
     let mut args = cfg.entrypoint().clone().unwrap_or_default();
     if spec.command.is_empty() {
@@ -124,6 +126,20 @@ fn process_of(img: &isla_image::Image, spec: &InstanceSpec) -> Result<Proc> {
         }
     };
     Ok(Proc { args, env, cwd, uid, gid })
+}
+
+/// The spec's image from the store (`busybox` is made on first use), or an error naming it.
+pub(crate) fn resolve_image(env: &Env, spec: &InstanceSpec) -> Result<isla_image::Image> {
+    let image = spec.image.as_deref().unwrap_or_default();
+    match isla_image::busybox::resolve_or_make(&env.images, image) {
+        Err(isla_image::Error::NotFound(_)) => Err(Error::invalid(
+            "image",
+            format!(
+                "no image `{image}` in the store (see `isla image ls`; `isla image pull` or `isla build` it first)"
+            ),
+        )),
+        r => Ok(r?),
+    }
 }
 
 fn img_name(img: &isla_image::Image, spec: &InstanceSpec) -> String {
@@ -243,7 +259,7 @@ pub(crate) fn ensure_network(nets: &isla_net::Networks, name: &str) -> Result<()
 }
 
 /// The host's name servers, without loopback ones (unreachable from the container's namespace).
-fn resolv_conf() -> String {
+pub(crate) fn resolv_conf() -> String {
     let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
     host.lines()
         .filter(|l| {
@@ -304,19 +320,7 @@ impl Driver for ContainerDriver {
     }
 
     fn check(&self, env: &Env, spec: &InstanceSpec) -> Result<()> {
-        let image = spec.image.as_deref().unwrap_or_default();
-        let img = match isla_image::busybox::resolve_or_make(&env.images, image) {
-            Err(isla_image::Error::NotFound(_)) => {
-                return Err(Error::invalid(
-                    "image",
-                    format!(
-                    "no image `{image}` in the store (see `isla image ls`; `isla image pull` or `isla build` it first)"
-                ),
-                ))
-            }
-            r => r?,
-        };
-        process_of(&img, spec).map(|_| ())
+        process_of(&resolve_image(env, spec)?, spec).map(|_| ())
     }
 
     fn create(&self, env: &Env, inst: &Instance) -> Result<()> {

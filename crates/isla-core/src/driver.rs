@@ -150,6 +150,11 @@ pub trait Driver {
     }
     /// Resource use.
     fn stats(&self, env: &Env, inst: &Instance) -> Result<Stats>;
+    /// The instance's exit code, given the exit code of its main process (a VM's guest may
+    /// report its program's status another way than its monitor's exit).
+    fn exit_code(&self, _env: &Env, _inst: &Instance, code: i32) -> i32 {
+        code
+    }
 }
 
 /// Polls `done` every 20 ms until it holds or `timeout` passes; whether it held.

@@ -65,6 +65,9 @@ pub enum Error {
     /// The image store.
     #[error(transparent)]
     Image(#[from] isla_image::Error),
+    /// A disk image.
+    #[error("disk image: {0}")]
+    Disk(#[from] isla_disk::DiskError),
     /// The container runtime.
     #[error("container runtime: {0}")]
     Runtime(#[from] isla_container::Error),

@@ -10,13 +10,13 @@ use crate::proc::Owner;
 /// The image name that means "the guest kit" (`isla run --kind microvm|vm kit`).
 pub const KIT_IMAGE: &str = "kit";
 
-/// Checks what a VM spec may hold: the kit (no container image yet), no volumes, existing
-/// kernel and disk files.
+/// Checks what a VM spec may hold: the kit (or, for microVMs, a container image), no volumes,
+/// existing kernel and disk files.
 pub fn check_spec(spec: &InstanceSpec) -> Result<()> {
-    if let Some(img) = spec.image.as_deref().filter(|i| *i != KIT_IMAGE) {
+    if let Some(img) = spec.image.as_deref().filter(|i| *i != KIT_IMAGE && spec.kind != Kind::Microvm) {
         return Err(Error::Unsupported(format!(
             "{} instances of container images (`{img}`) are not supported yet; use the image name `{KIT_IMAGE}` \
-             (the guest kit), with --kernel/--rootfs for other kernels and disks",
+             (the guest kit), with --kernel/--rootfs for other kernels and disks, or --kind microvm",
             spec.kind
         )));
     }

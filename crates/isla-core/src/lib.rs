@@ -8,8 +8,8 @@
 //! (`isla-image`), an OCI bundle from the spec, isla's runtime (`isla-container`), veth, port
 //! publishing and names on a network (`isla-net`). The microVM driver
 //! ([`microvm::MicrovmDriver`]) runs `isla vm run` monitors on a TAP with the guest kit, the
-//! full-VM driver ([`vm::VmDriver`]) QEMU through `isla-qemu`. Container images cannot boot as
-//! VMs yet ([`Error::Unsupported`]).
+//! full-VM driver ([`vm::VmDriver`]) QEMU through `isla-qemu`. A container image boots as a
+//! microVM on an ext4 disk made from it (`imagevm`); full VMs take the kit or disks only.
 //!
 //! Named volumes ([`volume`], `-v NAME:/path`) are directories below the root recorded in the
 //! store's `volumes` table; they outlive the instances that mount them.
@@ -33,6 +33,7 @@ pub mod container;
 pub mod driver;
 pub mod error;
 pub mod guest;
+mod imagevm;
 pub mod logs;
 mod manager;
 pub mod microvm;

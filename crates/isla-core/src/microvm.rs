@@ -6,8 +6,8 @@
 //! Without `--kernel`, the monitor boots the guest kit (kernel and initramfs); `--rootfs` boots
 //! an ext4 image instead. The command line's words are added to the kernel command line (e.g.
 //! `isla.check=stress`). The kit's init powers the guest off when it is done, so the instance
-//! then exits with the monitor's status (0: powered off). Booting a container image as a
-//! microVM is not implemented yet.
+//! then exits with the monitor's status (0: powered off). A container image boots on the kit
+//! with the image as a disk (`imagevm`); its instance exits with its process's status.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -18,6 +18,7 @@ use isla_container::Signal;
 use crate::driver::{detach_network, wait_until, Driver, Env, ExecOutput, ExecRequest, Launched, Stats, Stdio};
 use crate::error::{io, Error, Result};
 use crate::guest;
+use crate::imagevm;
 use crate::model::{Instance, InstanceSpec, Kind, Status};
 
 /// Runs instances as microVMs.
@@ -32,11 +33,18 @@ impl Driver for MicrovmDriver {
         Kind::Microvm
     }
 
-    fn check(&self, _env: &Env, spec: &InstanceSpec) -> Result<()> {
-        guest::check_spec(spec)
+    fn check(&self, env: &Env, spec: &InstanceSpec) -> Result<()> {
+        guest::check_spec(spec)?;
+        if imagevm::is_image(spec) {
+            imagevm::check(env, spec)?;
+        }
+        Ok(())
     }
 
-    fn create(&self, _env: &Env, _inst: &Instance) -> Result<()> {
+    fn create(&self, env: &Env, inst: &Instance) -> Result<()> {
+        if imagevm::is_image(&inst.spec) {
+            imagevm::create(env, inst)?;
+        }
         Ok(())
     }
 
@@ -62,7 +70,20 @@ impl Driver for MicrovmDriver {
             cmdline.push(a.kernel_ip_arg());
             attachment = Some(a);
         }
-        cmdline.extend(spec.command.iter().cloned());
+        if imagevm::is_image(spec) {
+            match imagevm::start_args(env, inst, attachment.is_some()) {
+                Ok((args, words)) => {
+                    cmd.args(args);
+                    cmdline.extend(words);
+                }
+                Err(e) => {
+                    let _ = detach_network(env, inst);
+                    return Err(e);
+                }
+            }
+        } else {
+            cmdline.extend(spec.command.iter().cloned());
+        }
         cmd.arg("--cmdline").arg(cmdline.join(" "));
         let vsock = vsock_path(env, &inst.id);
         let _ = std::fs::remove_file(&vsock);
@@ -178,5 +199,13 @@ impl Driver for MicrovmDriver {
     fn stats(&self, _env: &Env, inst: &Instance) -> Result<Stats> {
         let m = guest::main_process(inst)?;
         crate::driver::process_stats(m.pid, inst.spec.memory)
+    }
+
+    fn exit_code(&self, env: &Env, inst: &Instance, code: i32) -> i32 {
+        if imagevm::is_image(&inst.spec) {
+            imagevm::exit_code(env, inst, code)
+        } else {
+            code
+        }
     }
 }

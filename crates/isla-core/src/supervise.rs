@@ -97,6 +97,7 @@ fn run(
         report(ready, "ok\n");
         let follow = launched.follow.as_deref().and_then(|p| File::open(p).ok());
         let code = pump(launched.pid, [Some(File::from(out_r)), Some(File::from(err_r)), follow], &mut log, attach)?;
+        let code = d.exit_code(m.env(), &inst, code);
         drop(launched.keep);
         if let Err(e) = d.release(m.env(), &inst) {
             tracing::error!("releasing {name}: {e}");

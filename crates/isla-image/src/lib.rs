@@ -10,6 +10,8 @@
 //!   `trusted.overlay.opaque=y`), and the reverse for writing layers.
 //! - [`RootfsMount`] (`rootfs`): a container's root filesystem, overlayfs over the layers with a
 //!   writable upper directory ([`Store::prepare_rootfs`]).
+//! - `vmdisk`: one read-only ext4 disk per image (`mkfs.ext4 -d` of its mounted root, cached
+//!   under `vmdisks/`, collected with the image) for booting the image as a microVM.
 //! - `archive`: import and export of OCI layout directories and tarballs and `docker save`
 //!   archives.
 //! - `registry`: pull and push over the OCI distribution API (bearer-token and basic auth, image
@@ -37,6 +39,7 @@ pub mod registry;
 pub mod rootfs;
 pub mod run;
 pub mod store;
+pub mod vmdisk;
 
 pub use error::{Error, Result};
 pub use progress::{Progress, Quiet};

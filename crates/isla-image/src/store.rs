@@ -82,6 +82,8 @@ pub struct GcReport {
     pub blobs_removed: usize,
     pub layers_removed: usize,
     pub staging_removed: usize,
+    /// microVM base disks of images that are gone ([`crate::vmdisk`]).
+    pub vm_disks_removed: usize,
     pub bytes_freed: u64,
 }
 
@@ -179,7 +181,7 @@ pub fn normalize_name(name: &str) -> Result<String> {
     }
 }
 
-fn fsync_dir(dir: &Path) -> Result<()> {
+pub(crate) fn fsync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).at(dir)
 }
 
@@ -624,6 +626,14 @@ impl Store {
                 } else {
                     r.layers_removed += 1;
                 }
+            }
+        }
+        let vdir = self.root.join(crate::vmdisk::DIR);
+        for e in fs::read_dir(&vdir).into_iter().flatten().flatten() {
+            if !crate::vmdisk::is_live(&e.file_name().to_string_lossy(), &blobs) {
+                r.bytes_freed += e.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
+                fs::remove_file(e.path()).at(&e.path())?;
+                r.vm_disks_removed += 1;
             }
         }
         let tdir = self.root.join("tmp");

@@ -1,5 +1,6 @@
 //! The guest side: listens on vsock port [`isla_agent::AGENT_PORT`] and serves each connection on
-//! its own thread. Started by the guest kit's init when `isla.agent=1` is on the command line.
+//! its own thread. Started by the guest kit's init when the VM has a vsock device; with
+//! `--image ROOT SEED` it runs a container image's process instead (see `isla_agent::seed`).
 
 use std::os::fd::AsRawFd;
 
@@ -51,15 +52,8 @@ mod vsock {
     }
 }
 
-fn main() -> std::process::ExitCode {
-    let listener = match vsock::listen(AGENT_PORT) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("isla-agent: cannot listen on vsock port {AGENT_PORT}: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    eprintln!("isla-agent: listening on vsock port {AGENT_PORT}");
+/// Accepts connections on `listener` forever, serving each on its own thread.
+fn serve_forever(listener: std::os::fd::OwnedFd) -> ! {
     loop {
         match vsock::accept(listener.as_raw_fd()) {
             Ok(conn) => {
@@ -75,4 +69,44 @@ fn main() -> std::process::ExitCode {
             }
         }
     }
+}
+
+/// `isla-agent --image ROOT SEED`: run a container image's process (see `isla_agent::seed`) and
+/// serve the agent inside the image root while it runs; exits with the process's status.
+fn image_mode(root: &str, seed: &str) -> std::process::ExitCode {
+    // Listen before the chroot: the vsock socket needs no file, but failing early is clearer.
+    let listener = vsock::listen(AGENT_PORT).map_err(|e| eprintln!("isla-agent: no vsock listener: {e}")).ok();
+    let serve = move || {
+        if let Some(l) = listener {
+            let _ = std::thread::Builder::new().name("agent".into()).spawn(move || serve_forever(l));
+        }
+    };
+    match isla_agent::seed::run_image(root.as_ref(), seed.as_ref(), serve) {
+        Ok(code) => std::process::ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("isla-init: running the image's process (root {root}, seed {seed}): {e}");
+            std::process::ExitCode::from(125)
+        }
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        [] => {}
+        ["--image", root, seed] => return image_mode(root, seed),
+        _ => {
+            eprintln!("usage: isla-agent [--image ROOT SEED-DEVICE]");
+            return std::process::ExitCode::from(2);
+        }
+    }
+    let listener = match vsock::listen(AGENT_PORT) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("isla-agent: cannot listen on vsock port {AGENT_PORT}: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    eprintln!("isla-agent: listening on vsock port {AGENT_PORT}");
+    serve_forever(listener)
 }
