@@ -11,7 +11,10 @@ busybox=/bin/busybox
   { echo "build-initramfs: a static $busybox is needed: apt-get install busybox-static" >&2; exit 1; }
 agent=${1:?usage: build-initramfs.sh PATH-TO-STATIC-isla-agent}
 file -L "$agent" | grep -q "static" || { echo "build-initramfs: $agent is not a static binary" >&2; exit 1; }
-key=$( { sha256sum "$busybox" "$agent" | cut -d' ' -f1; cat "$here/build-initramfs.sh"; (cd "$here/rootfs" && find . -type f -print0 | sort -z | xargs -0 sha256sum); } | sha256sum | cut -c1-16)
+command -v gcc >/dev/null || { echo "build-initramfs: gcc is needed for /init: apt-get install gcc" >&2; exit 1; }
+key=$( { sha256sum "$busybox" "$agent" | cut -d' ' -f1; cat "$here/build-initramfs.sh" "$here/init/marker-init.c";
+         gcc --version | head -n 1; (cd "$here/rootfs" && find . -type f -print0 | sort -z | xargs -0 sha256sum); } |
+       sha256sum | cut -c1-16)
 out="$cache/rootfs/$key"
 if [ -f "$out/initramfs.cpio" ] && [ -f "$out/rootfs.ext4" ]; then echo "$out"; exit 0; fi
 tree=$(mktemp -d); trap 'rm -rf "$tree"' EXIT
@@ -22,6 +25,9 @@ for applet in $("$busybox" --list-full); do
   [ -e "$tree/$applet" ] || ln -s /bin/busybox "$tree/$applet"
 done
 cp -a "$here/rootfs/." "$tree/"
+# /init writes the boot-time marker and runs the kit's init script, /etc/isla/init (see the C file).
+gcc -Os -static -nostdlib -ffreestanding -fno-stack-protector -fno-asynchronous-unwind-tables -no-pie -s \
+  -Wall -Wextra -Werror -o "$tree/init" "$here/init/marker-init.c"
 # Booted from the ext4 image the kernel runs /sbin/init (/init is the initramfs's): the kit's init,
 # not busybox's.
 ln -sfn /init "$tree/sbin/init"
