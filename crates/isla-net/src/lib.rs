@@ -44,6 +44,7 @@ mod netlink;
 mod networks;
 pub mod nft;
 mod proxy;
+mod responder;
 mod store;
 mod tap;
 
@@ -56,6 +57,7 @@ pub use model::{AttachKind, Attachment, Driver, Loopback, Network, NetworkSpec, 
 pub use netlink::{in_netns, LinkInfo};
 pub use networks::{Networks, PruneReport};
 pub use proxy::PortProxy;
+pub use responder::Responder;
 pub use tap::open_tap;
 
 /// The prefix of every link isla creates.
@@ -179,6 +181,16 @@ pub enum Error {
     /// `nft` refused the rules.
     #[error("nftables: {0}")]
     Nft(String),
+    /// The DNS responder of a network could not be started.
+    #[error("the DNS responder of network `{network}` did not start: {msg} (its log: {log})")]
+    Dns {
+        /// Network.
+        network: String,
+        /// What went wrong.
+        msg: String,
+        /// Its log file.
+        log: PathBuf,
+    },
     /// A file of the state could not be read or written.
     #[error("{path}: {source}")]
     Io {
