@@ -438,6 +438,8 @@ fn containers_and_a_microvm_reach_each_other_by_name() {
     lab.ok(&["run", "-d", "--name", "client", "busybox", "sleep", "1000"]);
     lab.ok(&["run", "-d", "--kind", "microvm", "--name", "vm", "--memory", "128m", "kit", "isla.agent=serve"]);
     assert_eq!(lab.dns_responders(), responders, "later instances use the running responder");
+    let net: serde_json::Value = serde_json::from_str(&lab.ok(&["network", "inspect", "isla0"])).unwrap();
+    assert_eq!(net[0]["dns_responder"], responders[0], "{net}");
     let gw = "10.88.0.1";
     let resolv = lab.ok(&["exec", "client", "cat", "/etc/resolv.conf"]);
     assert!(resolv.starts_with(&format!("nameserver {gw}\n")) && resolv.contains("search isla0\n"), "{resolv}");
