@@ -432,10 +432,16 @@ fn containers_and_a_microvm_reach_each_other_by_name() {
     }
     let lab = Lab::new("names");
     let serve_hostname = "mkdir -p /www && hostname >/www/name && exec httpd -f -p 80 -h /www";
-    lab.ok(&["run", "-d", "--name", "web", "busybox", "sh", "-c", serve_hostname]);
+    // The two containers start at once: both may find no responder, only one runs.
+    let web = ["run", "-d", "--name", "web", "busybox", "sh", "-c", serve_hostname];
+    let client = ["run", "-d", "--name", "client", "busybox", "sleep", "1000"];
+    std::thread::scope(|s| {
+        let w = s.spawn(|| lab.ok(&web));
+        let c = s.spawn(|| lab.ok(&client));
+        (w.join().unwrap(), c.join().unwrap())
+    });
     let responders = lab.dns_responders();
-    assert_eq!(responders.len(), 1, "the first instance starts the network's responder: {responders:?}");
-    lab.ok(&["run", "-d", "--name", "client", "busybox", "sleep", "1000"]);
+    assert_eq!(responders.len(), 1, "the first instances start one responder: {responders:?}");
     lab.ok(&["run", "-d", "--kind", "microvm", "--name", "vm", "--memory", "128m", "kit", "isla.agent=serve"]);
     assert_eq!(lab.dns_responders(), responders, "later instances use the running responder");
     let net: serde_json::Value = serde_json::from_str(&lab.ok(&["network", "inspect", "isla0"])).unwrap();
@@ -477,7 +483,13 @@ fn containers_and_a_microvm_reach_each_other_by_name() {
     // And into the guest by name: a web server there, fetched from a container.
     vm_exec("httpd -p 8000 -h /etc && echo started", "started", 60);
     assert_eq!(lab.ok(&["exec", "client", "wget", "-q", "-O", "-", "http://vm:8000/hostname"]), "vm\n");
-    // The responder outlives any one instance, and ends with the last one.
+    // A responder that dies is started again by the next start on its network.
+    assert!(Command::new("kill").args(["-9", &responders[0].to_string()]).status().unwrap().success());
+    lab.ok(&["restart", "-t", "1", "client"]);
+    let responders = lab.dns_responders();
+    assert_eq!(responders.len(), 1, "{responders:?}");
+    assert!(lab.ok(&["exec", "client", "nslookup", "vm"]).contains("Address: 10.88.0."));
+    // It outlives any one instance, and ends with the last one.
     lab.ok(&["rm", "-f", "web"]);
     assert_eq!(lab.dns_responders(), responders);
     let o = lab.isla(&["exec", "client", "ping", "-c", "1", "-W", "2", "web"]);
