@@ -6,7 +6,8 @@
 //! the responder holds an exclusive `flock` on it for as long as it runs and writes its pid and
 //! start time into it once its socket is bound. So "is one running?" is "is the lock held?",
 //! which a crashed responder cannot get wrong (the kernel drops its lock), and two starters
-//! racing cannot get two responders (the second fails to take the lock and leaves).
+//! racing cannot get two responders (the second finds the lock held by the first, waits for its
+//! record, and leaves).
 //!
 //! The end: a responder checks every second, under the state's shared lock, whether its network
 //! still exists and has attachments; if not it closes its socket and drops its lock *before*
@@ -36,6 +37,8 @@ use crate::Error;
 const IDLE_CHECK: Duration = Duration::from_secs(1);
 /// How long a starter waits for a new responder to report.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a new responder waits for a lock held by somebody without a record.
+const LOCK_WAIT: Duration = Duration::from_secs(2);
 /// How long a stop waits for the responder to end.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -109,6 +112,28 @@ fn try_lock(path: &Path) -> Result<Option<File>, Error> {
     }
 }
 
+/// Takes the lock at `path` for a new responder: `None` if another responder holds it. A holder
+/// without a record is either a responder about to write it or a [`running`] probe (which holds
+/// the lock for microseconds): both are waited for, so a probe never makes a new responder give up.
+fn take_lock(path: &Path) -> Result<Option<File>, Error> {
+    let end = Instant::now() + LOCK_WAIT;
+    loop {
+        if let Some(f) = try_lock(path)? {
+            return Ok(Some(f));
+        }
+        if running(path)?.is_some() {
+            return Ok(None);
+        }
+        if Instant::now() >= end {
+            return Err(Error::Invalid(format!(
+                "{} is locked by a process that does not record itself as its responder",
+                path.display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// The responder holding the lock at `path`, if one does (and has written its record).
 fn running(path: &Path) -> Result<Option<Responder>, Error> {
     if !path.exists() {
@@ -150,6 +175,7 @@ pub(crate) fn stop_idle(store: &Store, old: &State, new: &State) {
             tracing::warn!("stopping the DNS responder of network {}: {e}", net.name);
         }
         if !new.networks.values().any(|n| n.id == net.id) {
+            let _ = std::fs::remove_file(path.with_extension("log"));
             let _ = std::fs::remove_file(&path);
         }
     }
@@ -257,7 +283,7 @@ impl Networks {
             let net = self.inspect(network)?;
             let addr = Self::dns_address(&net)?;
             let path = pid_path(self.store(), &net.id);
-            let Some(mut lock) = try_lock(&path)? else { return Ok(None) };
+            let Some(mut lock) = take_lock(&path)? else { return Ok(None) };
             if in_use(&self.store().load()?, &net.name, &net.id).is_none() {
                 return Ok(None);
             }
@@ -332,9 +358,19 @@ mod tests {
         held.write_all(me.record().as_bytes()).unwrap();
         assert_eq!(running(&path).unwrap(), Some(me));
         assert!(!wait_unlocked(&path, Duration::from_millis(50)));
+        assert!(take_lock(&path).unwrap().is_none(), "a recorded, live holder: no second responder");
         drop(held);
         assert!(wait_unlocked(&path, Duration::from_millis(50)));
         assert_eq!(running(&path).unwrap(), None, "a record without its lock is a dead responder's");
+        // A holder without a record (a probe) is waited for, not taken for a responder.
+        let probe = try_lock(&path).unwrap().unwrap();
+        std::fs::write(&path, "").unwrap();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            drop(probe);
+        });
+        assert!(take_lock(&path).unwrap().is_some());
+        release.join().unwrap();
     }
 
     #[test]
