@@ -498,6 +498,30 @@ fn containers_and_a_microvm_reach_each_other_by_name() {
     assert!(lab.ids().is_empty() && lab.leftovers().is_empty(), "{:?} {:?}", lab.ids(), lab.leftovers());
 }
 
+/// A DNS responder that cannot start (another server holds port 53) does not stop instances: the
+/// container starts with the host's name servers and a warning naming the cause, and the next
+/// start once the port is free brings the responder.
+#[test]
+fn instances_start_when_the_dns_responder_cannot() {
+    let lab = Lab::new("dnsbusy");
+    let netns = PathBuf::from(format!("/run/netns/{}", lab.ns));
+    let squatter = isla_net::in_netns(&netns, || std::net::UdpSocket::bind("0.0.0.0:53")).unwrap().unwrap();
+    lab.ok(&["run", "-d", "--name", "c", "busybox", "sleep", "1000"]);
+    assert!(lab.dns_responders().is_empty());
+    assert!(!lab.ok(&["exec", "c", "cat", "/etc/resolv.conf"]).contains("nameserver 10.88.0.1"));
+    let id = lab.ok(&["inspect", "c"]);
+    let id: serde_json::Value = serde_json::from_str(&id).unwrap();
+    let log = lab.root.join("instances").join(id[0]["id"].as_str().unwrap()).join("supervisor.log");
+    let log = std::fs::read_to_string(log).unwrap();
+    assert!(log.contains("DNS responder of network `isla0` did not start") && log.contains("in use"), "{log}");
+    drop(squatter);
+    lab.ok(&["restart", "-t", "1", "c"]);
+    assert_eq!(lab.dns_responders().len(), 1);
+    assert!(lab.ok(&["exec", "c", "cat", "/etc/resolv.conf"]).starts_with("nameserver 10.88.0.1\n"));
+    lab.ok(&["rm", "-f", "c"]);
+    assert!(lab.leftovers().is_empty(), "{:?}", lab.leftovers());
+}
+
 /// A full VM (QEMU; TCG here, KVM on hardware virtualization) of the guest kit: the attached
 /// run boots to power-off with the serial console in the output and the log; a detached one
 /// with a shell stays up, pauses and resumes through QMP, has a TAP, and stops.
