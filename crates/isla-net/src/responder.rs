@@ -199,10 +199,9 @@ fn stop(path: &Path) -> Result<(), Error> {
 
 /// Reads one line from `f` within `timeout` (less if the writers close it). Byte by byte, with
 /// no buffer, so that `poll` sees everything not read yet.
-fn read_line(f: File, timeout: Duration) -> std::io::Result<String> {
+fn read_line(mut f: File, timeout: Duration) -> std::io::Result<String> {
     let end = Instant::now() + timeout;
     let mut line = Vec::new();
-    let mut f = f;
     while !line.ends_with(b"\n") {
         let left = end.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -279,7 +278,7 @@ impl Networks {
     /// serves until the network is removed or has no instance left. Answers come from the state
     /// file read per query, so instances attached by any process resolve at once.
     pub fn run_dns_responder(&self, network: &str, ready: impl FnOnce(Result<(), &Error>)) -> Result<(), Error> {
-        let setup = (|| -> Result<Option<(Network, UdpSocket, File)>, Error> {
+        let setup = (|| -> Result<Option<(Network, DnsServer, File)>, Error> {
             let net = self.inspect(network)?;
             let addr = Self::dns_address(&net)?;
             let path = pid_path(self.store(), &net.id);
@@ -294,9 +293,13 @@ impl Networks {
                 .and_then(|()| lock.rewind())
                 .and_then(|()| lock.write_all(me.record().as_bytes()))
                 .map_err(io_err(&path))?;
-            Ok(Some((net, sock, lock)))
+            let store = self.store().clone();
+            let (name, id) = (net.name.clone(), net.id.clone());
+            let server = DnsServer::spawn(sock, move |q| in_use(&store.load().ok()?, &name, &id)?.resolve(q))
+                .map_err(|e| Error::Io { path: "dns thread".into(), source: e })?;
+            Ok(Some((net, server, lock)))
         })();
-        let (net, sock, lock) = match setup {
+        let (net, server, lock) = match setup {
             Ok(Some(s)) => s,
             Ok(None) => {
                 ready(Ok(()));
@@ -307,10 +310,6 @@ impl Networks {
                 return Err(e);
             }
         };
-        let store = self.store().clone();
-        let (name, id) = (net.name.clone(), net.id.clone());
-        let server = DnsServer::spawn(sock, move |q| in_use(&store.load().ok()?, &name, &id)?.resolve(q))
-            .map_err(|e| Error::Io { path: "dns thread".into(), source: e })?;
         tracing::info!("serving DNS for network {} on {}", net.name, server.local_addr());
         ready(Ok(()));
         loop {
