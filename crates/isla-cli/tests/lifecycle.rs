@@ -475,7 +475,8 @@ fn containers_and_a_microvm_reach_each_other_by_name() {
         }
     };
     let out = vm_exec("cat /etc/resolv.conf; hostname", "vm", 300);
-    assert_eq!(out, format!("nameserver {gw}\nvm\n"), "the kit's init wrote dns0 of ip= and the hostname");
+    // dns0 of ip= first (dns1, one of the host's servers, depends on the machine).
+    assert!(out.starts_with(&format!("nameserver {gw}\n")) && out.ends_with("\nvm\n"), "{out}");
     ping("client", "vm");
     ping("web", "vm.isla0");
     let out = vm_exec("ping -c 1 -W 5 web && ping -c 1 -W 5 client && wget -q -O - http://web/name", "\nweb\n", 120);

@@ -189,6 +189,13 @@ pub fn network_dns(env: &Env, nets: &isla_net::Networks, net: &str) -> Option<st
     })
 }
 
+/// The name servers of a VM guest on network `net` ([`network_dns`] and one of the host's, see
+/// `isla_net::dns::guest_servers`), for the kernel's `ip=` argument.
+pub fn guest_dns(env: &Env, nets: &isla_net::Networks, net: &str) -> Vec<std::net::Ipv4Addr> {
+    let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    isla_net::dns::guest_servers(network_dns(env, nets, net), &host)
+}
+
 /// Detaches the instance from its network; an instance that is not attached (or whose network
 /// is gone) is fine. Whether a link was detached.
 pub fn detach_network(env: &Env, inst: &Instance) -> Result<bool> {

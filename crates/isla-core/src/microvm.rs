@@ -59,7 +59,7 @@ impl Driver for MicrovmDriver {
                 }
             }
             cmd.arg("--net").arg(format!("{},mac={}", a.host_ifname, a.mac));
-            cmdline.push(a.kernel_ip_arg(crate::driver::network_dns(env, &nets, net)));
+            cmdline.push(a.kernel_ip_arg(&crate::driver::guest_dns(env, &nets, net)));
             attachment = Some(a);
         }
         cmdline.extend(spec.command.iter().cloned());
