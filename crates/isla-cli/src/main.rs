@@ -6,6 +6,7 @@ mod buildrun;
 mod compose;
 mod daemon;
 mod disk;
+mod dns;
 mod docs;
 mod image;
 mod kit;
@@ -70,6 +71,9 @@ enum Cmd {
     Completions(docs::CompletionsArgs),
     /// Write man pages for isla and every subcommand.
     Man(docs::ManArgs),
+    /// (internal) The DNS responder of one network, started by the first instance on it.
+    #[command(name = "__dns", hide = true)]
+    Dns(dns::DnsArgs),
 }
 
 #[derive(Subcommand)]
@@ -269,6 +273,7 @@ fn main() -> ExitCode {
         Cmd::Lab(a) => lab::run(a).map(|()| 0),
         Cmd::Completions(a) => docs::completions(a).map(|()| 0),
         Cmd::Man(a) => docs::man(a).map(|()| 0),
+        Cmd::Dns(a) => dns::run(a),
     };
     match result {
         Ok(code) => ExitCode::from(code as u8),

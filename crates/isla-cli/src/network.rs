@@ -100,7 +100,15 @@ pub fn run(args: &NetworkArgs) -> Result<()> {
         NetworkCmd::Ls { output: Output::Table } => print_table(&nets()?.list()?),
         NetworkCmd::Inspect { names } => {
             let nets = nets()?;
-            let found = names.iter().map(|n| nets.inspect(n)).collect::<Result<Vec<_>, _>>()?;
+            // Each network with the pid of its DNS responder (null when none runs).
+            let found = names
+                .iter()
+                .map(|n| -> Result<serde_json::Value> {
+                    let mut v = serde_json::to_value(nets.inspect(n)?)?;
+                    v["dns_responder"] = nets.dns_responder(n)?.map(|r| r.pid).into();
+                    Ok(v)
+                })
+                .collect::<Result<Vec<_>>>()?;
             println!("{}", serde_json::to_string_pretty(&found)?);
         }
         NetworkCmd::Rm { names, force } => {

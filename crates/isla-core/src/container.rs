@@ -227,7 +227,7 @@ impl ContainerDriver {
             }
             let etc = env.images.rootfs(&inst.id)?.merged.join("etc");
             std::fs::create_dir_all(&etc).map_err(io(format!("creating {}", etc.display())))?;
-            write(&etc.join("resolv.conf"), &resolv_conf())?;
+            write(&etc.join("resolv.conf"), &crate::driver::instance_resolv_conf(env, &nets, net))?;
             refresh_hosts(env, &nets, net)
         })();
         match r {
@@ -256,22 +256,6 @@ pub(crate) fn ensure_network(nets: &isla_net::Networks, name: &str) -> Result<()
         }
         Err(e) => Err(e.into()),
     }
-}
-
-/// The host's name servers, without loopback ones (unreachable from the container's namespace).
-pub(crate) fn resolv_conf() -> String {
-    let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-    host.lines()
-        .filter(|l| {
-            let mut w = l.split_whitespace();
-            match (w.next(), w.next()) {
-                (Some("nameserver"), Some(a)) => !a.starts_with("127.") && a != "::1",
-                (Some("search" | "options"), _) => true,
-                _ => false,
-            }
-        })
-        .map(|l| format!("{l}\n"))
-        .collect()
 }
 
 /// Rewrites `/etc/hosts` of every running container on `net`, so that each resolves the names

@@ -203,6 +203,41 @@ pub fn remove_instance_dir(env: &Env, id: &str) -> Result<()> {
     }
 }
 
+/// Makes sure the DNS responder of network `net` runs (`isla __dns`, started by the first
+/// instance on the network; see `isla_net::Networks::ensure_dns`) and returns the name server
+/// the instance should use. A responder that cannot start (port 53 of the gateway address held by
+/// another DNS server, say) is logged and gives `None`: the instance still starts, containers
+/// resolve their peers through `/etc/hosts`, and the warning says why names do not resolve.
+pub fn network_dns(env: &Env, nets: &isla_net::Networks, net: &str) -> Option<std::net::Ipv4Addr> {
+    let mut cmd = std::process::Command::new(&env.helper);
+    cmd.arg("__dns").arg("--root").arg(&env.root).arg(net);
+    // Its log is a file: plain text, and the line that says where it serves.
+    cmd.env("NO_COLOR", "1");
+    if std::env::var_os("ISLA_LOG").is_none() {
+        cmd.env("ISLA_LOG", "info");
+    }
+    nets.ensure_dns(net, cmd).unwrap_or_else(|e| {
+        tracing::warn!("{e}; names on network {net} are not served by DNS");
+        None
+    })
+}
+
+/// `/etc/resolv.conf` for an instance on network `net` whose root isla writes (containers, and
+/// container images booted as microVMs): the network's responder first, then the host's own
+/// non-loopback name servers (see `isla_net::dns::resolv_conf`).
+pub(crate) fn instance_resolv_conf(env: &Env, nets: &isla_net::Networks, net: &str) -> String {
+    let dns = network_dns(env, nets, net);
+    let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    isla_net::dns::resolv_conf(dns, net, &host)
+}
+
+/// The name servers of a VM guest on network `net` ([`network_dns`] and one of the host's, see
+/// `isla_net::dns::guest_servers`), for the kernel's `ip=` argument.
+pub fn guest_dns(env: &Env, nets: &isla_net::Networks, net: &str) -> Vec<std::net::Ipv4Addr> {
+    let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    isla_net::dns::guest_servers(network_dns(env, nets, net), &host)
+}
+
 /// Detaches the instance from its network; an instance that is not attached (or whose network
 /// is gone) is fine. Whether a link was detached.
 pub fn detach_network(env: &Env, inst: &Instance) -> Result<bool> {

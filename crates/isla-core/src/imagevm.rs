@@ -135,7 +135,10 @@ pub(crate) fn start_args(env: &Env, inst: &Instance, attached: bool) -> Result<(
     let name = &inst.spec.name;
     rf.hosts =
         hosts.unwrap_or_else(|| format!("127.0.0.1\tlocalhost {name}\n::1\tlocalhost ip6-localhost ip6-loopback\n"));
-    rf.resolv_conf = if inst.spec.network_name().is_some() { crate::container::resolv_conf() } else { String::new() };
+    rf.resolv_conf = match inst.spec.network_name() {
+        Some(net) => crate::driver::instance_resolv_conf(env, &env.networks()?, net),
+        None => String::new(),
+    };
     let bytes = rf.to_seed().map_err(|e| Error::invalid("run file", e.to_string()))?;
     let seed = dir_file(env, inst, "seed.img");
     std::fs::write(&seed, bytes).map_err(io(format!("writing {}", seed.display())))?;

@@ -67,7 +67,7 @@ impl Driver for MicrovmDriver {
                 }
             }
             cmd.arg("--net").arg(format!("{},mac={}", a.host_ifname, a.mac));
-            cmdline.push(a.kernel_ip_arg());
+            cmdline.push(a.kernel_ip_arg(&crate::driver::guest_dns(env, &nets, net)));
             attachment = Some(a);
         }
         if imagevm::is_image(spec) {

@@ -115,13 +115,15 @@ impl Driver for VmDriver {
             attachment = Some(a);
         }
         let started = (|| -> Result<(Vm, i32)> {
+            let mut dns = Vec::new();
             if let (Some(net), Some(_)) = (inst.spec.network_name(), &attachment) {
                 let nets = env.networks()?;
                 for p in &inst.spec.ports {
                     nets.publish(net, &inst.id, *p)?;
                 }
+                dns = crate::driver::guest_dns(env, &nets, net);
             }
-            let ip = attachment.as_ref().map(|a| a.kernel_ip_arg());
+            let ip = attachment.as_ref().map(|a| a.kernel_ip_arg(&dns));
             let mut vm = Vm::create(&dir, self.config(env, &inst.spec, nic, ip)?).map_err(qemu)?;
             let info = vm.start().map_err(qemu)?;
             Ok((vm, info.pid as i32))

@@ -178,6 +178,68 @@ impl Drop for DnsServer {
     }
 }
 
+/// glibc reads at most three `nameserver` lines (`MAXNS`).
+const MAX_NAMESERVERS: usize = 3;
+
+/// The host's name servers an instance can reach: the `nameserver` lines of `host` (the host's
+/// resolv.conf) in order, without loopback ones (systemd-resolved's 127.0.0.53, a local
+/// dnsmasq), which are the host's own and unreachable from an instance.
+pub fn host_servers(host: &str) -> Vec<&str> {
+    host.lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next() == Some("nameserver")).then(|| w.next()).flatten()
+        })
+        .filter(|a| !a.starts_with("127.") && *a != "::1")
+        .collect()
+}
+
+/// `/etc/resolv.conf` for an instance of `network`. With a responder (`nameserver`), it comes
+/// first and `search` starts with the network's name; the host's reachable name servers follow
+/// ([`host_servers`]), because the responder forwards nothing: it answers REFUSED for names it
+/// does not know, and a resolver then asks the next server. Without a responder (bridge driver)
+/// only the host's servers are listed.
+pub fn resolv_conf(nameserver: Option<Ipv4Addr>, network: &str, host: &str) -> String {
+    let mut servers: Vec<String> = nameserver.map(|n| n.to_string()).into_iter().collect();
+    for a in host_servers(host) {
+        if !servers.iter().any(|s| s == a) {
+            servers.push(a.to_string());
+        }
+    }
+    let mut search: Vec<&str> = if nameserver.is_some() { vec![network] } else { Vec::new() };
+    let mut options = Vec::new();
+    for line in host.lines() {
+        let mut w = line.split_whitespace();
+        match w.next() {
+            // The last `search` (or `domain`) line is the one resolvers use.
+            Some("search" | "domain") => {
+                search.truncate(usize::from(nameserver.is_some()));
+                search.extend(w.filter(|d| *d != network));
+            }
+            Some("options") => options.push(line.trim()),
+            _ => {}
+        }
+    }
+    let mut out: String = servers.iter().take(MAX_NAMESERVERS).map(|s| format!("nameserver {s}\n")).collect();
+    if !search.is_empty() {
+        out.push_str(&format!("search {}\n", search.join(" ")));
+    }
+    out.extend(options.iter().map(|o| format!("{o}\n")));
+    out
+}
+
+/// The name servers of a VM guest, for the kernel's `ip=` argument, which has two (`dns0`,
+/// `dns1`): the responder, then the host's first reachable IPv4 server (see [`resolv_conf`]).
+pub fn guest_servers(nameserver: Option<Ipv4Addr>, host: &str) -> Vec<Ipv4Addr> {
+    let mut out: Vec<Ipv4Addr> = nameserver.into_iter().collect();
+    for a in host_servers(host).into_iter().filter_map(|a| a.parse::<Ipv4Addr>().ok()) {
+        if out.len() < 2 && !out.contains(&a) {
+            out.push(a);
+        }
+    }
+    out
+}
+
 /// Encodes an A query for `name` (for clients and tests).
 pub fn query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
     let mut q = Vec::new();
@@ -234,6 +296,40 @@ mod tests {
         assert_eq!(parse_response(7, &r), Some((RCODE_NOERROR, None)));
         let r = answer(&query(8, "example.org", TYPE_A), lookup).unwrap();
         assert_eq!(parse_response(8, &r), Some((RCODE_REFUSED, None)));
+    }
+
+    #[test]
+    fn resolv_conf_puts_the_responder_first_and_keeps_reachable_host_servers() {
+        let host = "# generated\nnameserver 127.0.0.53\nnameserver 192.0.2.53\nnameserver ::1\nnameservers 192.0.2.9\n\
+                    nameserver 192.0.2.54\nnameserver 192.0.2.55\nsearch example.org\noptions edns0 trust-ad\n";
+        let gw = Some(Ipv4Addr::new(10, 88, 0, 1));
+        assert_eq!(
+            resolv_conf(gw, "front", host),
+            "nameserver 10.88.0.1\nnameserver 192.0.2.53\nnameserver 192.0.2.54\n\
+             search front example.org\noptions edns0 trust-ad\n"
+        );
+        assert_eq!(resolv_conf(gw, "front", ""), "nameserver 10.88.0.1\nsearch front\n");
+        // A host that only has a loopback resolver: the instances resolve isla names only.
+        assert_eq!(resolv_conf(gw, "front", "nameserver 127.0.0.53\n"), "nameserver 10.88.0.1\nsearch front\n");
+        // Bridge driver: no responder, the host's reachable servers as they are.
+        assert_eq!(
+            resolv_conf(None, "lan", "domain corp.example\nnameserver 192.0.2.53\n"),
+            "nameserver 192.0.2.53\nsearch corp.example\n"
+        );
+        // The host's last search line wins, and the network's name is not repeated.
+        assert_eq!(
+            resolv_conf(gw, "front", "search a.example\nsearch front b.example\n"),
+            "nameserver 10.88.0.1\nsearch front b.example\n"
+        );
+    }
+
+    #[test]
+    fn guests_get_the_responder_and_one_host_server() {
+        let gw = Some(Ipv4Addr::new(10, 88, 0, 1));
+        let host = "nameserver 127.0.0.53\nnameserver 2001:db8::53\nnameserver 192.0.2.53\nnameserver 192.0.2.54\n";
+        assert_eq!(guest_servers(gw, host), [Ipv4Addr::new(10, 88, 0, 1), Ipv4Addr::new(192, 0, 2, 53)]);
+        assert_eq!(guest_servers(gw, "nameserver 127.0.0.53\n"), [Ipv4Addr::new(10, 88, 0, 1)]);
+        assert_eq!(guest_servers(None, host), [Ipv4Addr::new(192, 0, 2, 53), Ipv4Addr::new(192, 0, 2, 54)]);
     }
 
     #[test]

@@ -17,9 +17,10 @@
 //! rules in the prerouting chain (traffic from outside) and the output chain (the host's own
 //! connections, 127.0.0.1 included: the bridge has `route_localnet` on and the loopback source is
 //! masqueraded; or, per publication, a userspace proxy on 127.0.0.1 instead: [`Loopback`],
-//! [`PortProxy`]). Instance names are served by a small DNS responder ([`Networks::serve_dns`],
-//! run by whichever process owns the network) and written into each container's
-//! `/etc/hosts` ([`Networks::hosts_file`]).
+//! [`PortProxy`]). Instance names are served by a small DNS responder, in a thread of the caller
+//! ([`Networks::serve_dns`]) or as a process per network that the first instance starts and the
+//! last one's detach stops ([`Networks::ensure_dns`], [`Networks::run_dns_responder`]), and
+//! written into each container's `/etc/hosts` ([`Networks::hosts_file`]).
 //!
 //! Everything runs in the calling thread's network namespace, so tests build whole topologies
 //! inside namespaces they create ([`in_netns`] enters one on a scoped thread).
@@ -44,6 +45,7 @@ mod netlink;
 mod networks;
 pub mod nft;
 mod proxy;
+mod responder;
 mod store;
 mod tap;
 
@@ -56,6 +58,7 @@ pub use model::{AttachKind, Attachment, Driver, Loopback, Network, NetworkSpec, 
 pub use netlink::{in_netns, LinkInfo};
 pub use networks::{Networks, PruneReport};
 pub use proxy::PortProxy;
+pub use responder::Responder;
 pub use tap::open_tap;
 
 /// The prefix of every link isla creates.
@@ -179,6 +182,16 @@ pub enum Error {
     /// `nft` refused the rules.
     #[error("nftables: {0}")]
     Nft(String),
+    /// The DNS responder of a network could not be started.
+    #[error("the DNS responder of network `{network}` did not start: {msg} (its log: {log})")]
+    Dns {
+        /// Network.
+        network: String,
+        /// What went wrong.
+        msg: String,
+        /// Its log file.
+        log: PathBuf,
+    },
     /// A file of the state could not be read or written.
     #[error("{path}: {source}")]
     Io {

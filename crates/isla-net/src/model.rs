@@ -183,11 +183,13 @@ pub struct Attachment {
 
 impl Attachment {
     /// The Linux kernel command line `ip=` argument that configures this address in a microVM
-    /// (`ip=CLIENT::GATEWAY:NETMASK:HOSTNAME:eth0:off`).
-    pub fn kernel_ip_arg(&self) -> String {
+    /// (`ip=CLIENT::GATEWAY:NETMASK:HOSTNAME:eth0:off`), with up to two name servers after the
+    /// autoconf field (`...:off:DNS0:DNS1`, the kernel's `dns0-ip` and `dns1-ip`).
+    pub fn kernel_ip_arg(&self, dns: &[Ipv4Addr]) -> String {
         let mask = Ipv4Net::new(self.ip, self.prefix_len).map(|n| n.netmask()).unwrap_or(Ipv4Addr::BROADCAST);
         let gw = self.gateway.map(|g| g.to_string()).unwrap_or_default();
-        format!("ip={}::{}:{}:{}:eth0:off", self.ip, gw, mask, self.hostname.as_deref().unwrap_or(""))
+        let dns: String = dns.iter().take(2).map(|d| format!(":{d}")).collect();
+        format!("ip={}::{}:{}:{}:eth0:off{dns}", self.ip, gw, mask, self.hostname.as_deref().unwrap_or(""))
     }
 }
 
@@ -353,6 +355,10 @@ mod tests {
             hostname: Some("vm1".into()),
             netns: None,
         };
-        assert_eq!(a.kernel_ip_arg(), "ip=10.88.0.5::10.88.0.1:255.255.255.0:vm1:eth0:off");
+        assert_eq!(a.kernel_ip_arg(&[]), "ip=10.88.0.5::10.88.0.1:255.255.255.0:vm1:eth0:off");
+        assert_eq!(
+            a.kernel_ip_arg(&[Ipv4Addr::new(10, 88, 0, 1), Ipv4Addr::new(192, 0, 2, 53)]),
+            "ip=10.88.0.5::10.88.0.1:255.255.255.0:vm1:eth0:off:10.88.0.1:192.0.2.53"
+        );
     }
 }

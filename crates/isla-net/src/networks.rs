@@ -15,6 +15,7 @@ use crate::model::{
     check_name, AttachKind, Attachment, Driver, Loopback, Network, NetworkSpec, PortSpec, Proto, Publication, State,
 };
 use crate::netlink::{in_netns, Netlink};
+use crate::responder;
 use crate::store::Store;
 use crate::{nft, tap, Error, LINK_PREFIX};
 
@@ -104,6 +105,10 @@ impl Networks {
     /// Opens (creating if needed) the network state under `root` (e.g. `/var/lib/isla`).
     pub fn open(root: &Path) -> Result<Self, Error> {
         Ok(Self { store: Store::open(root)? })
+    }
+
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
     }
 
     /// The JSON state file.
@@ -301,7 +306,9 @@ impl Networks {
             nl.delete(&a.host_ifname)?;
         }
         nl.delete(&net.bridge)?;
-        self.store.save(&new)
+        self.store.save(&new)?;
+        responder::stop_idle(&self.store, &old, &new);
+        Ok(())
     }
 
     fn check_attach(state: &State, network: &str, instance: &str, hostname: Option<&str>) -> Result<(), Error> {
@@ -327,7 +334,7 @@ impl Networks {
     }
 
     /// The first half of an attachment: checks, address, record (not saved yet).
-    fn plan_attach(
+    pub(crate) fn plan_attach(
         state: &State,
         network: &str,
         instance: &str,
@@ -449,7 +456,9 @@ impl Networks {
             nft::apply(&new)?;
         }
         Netlink::open()?.delete(&a.host_ifname)?;
-        self.store.save(&new)
+        self.store.save(&new)?;
+        responder::stop_idle(&self.store, &old, &new);
+        Ok(())
     }
 
     /// Publishes `port` of an attached instance on the host, after checking that no other
@@ -550,11 +559,10 @@ impl Networks {
     /// `/etc/resolv.conf` for a container on `network`: the network's DNS responder.
     pub fn resolv_conf(&self, network: &str) -> Result<String, Error> {
         let net = self.inspect(network)?;
-        let ns = Self::dns_address(&net)?;
-        Ok(format!("nameserver {ns}\nsearch {}\n", net.name))
+        Ok(crate::dns::resolv_conf(Some(Self::dns_address(&net)?), &net.name, ""))
     }
 
-    fn dns_address(net: &Network) -> Result<Ipv4Addr, Error> {
+    pub(crate) fn dns_address(net: &Network) -> Result<Ipv4Addr, Error> {
         net.gateway.filter(|_| net.host_has_address()).ok_or_else(|| {
             Error::Invalid(format!("network `{}` has no address on the host to serve DNS on (bridge driver)", net.name))
         })
@@ -620,6 +628,7 @@ impl Networks {
             }
         }
         self.store.save(&new)?;
+        responder::stop_idle(&self.store, &old, &new);
         Ok(report)
     }
 }

@@ -25,6 +25,11 @@ impl Store {
         Ok(Self { dir })
     }
 
+    /// `<root>/net`.
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     pub(crate) fn file(&self) -> PathBuf {
         self.dir.join("networks.json")
     }
