@@ -21,9 +21,13 @@ pub struct BenchArgs {
     /// Which guest-kit kernel to use when --kernel is not given.
     #[arg(long, value_enum, default_value = "auto")]
     flavour: crate::kit::Flavour,
-    /// Initrd (default: the guest kit's initramfs).
+    /// Initrd (default: the guest kit's initramfs, unless --rootfs is given).
     #[arg(long)]
     initrd: Option<PathBuf>,
+    /// Boot from this ext4 image, read-only, as /dev/vda instead of an initramfs; `kit` is the
+    /// guest kit's rootfs.ext4 (the same files as its initramfs).
+    #[arg(long)]
+    rootfs: Option<PathBuf>,
     /// Boots to measure.
     #[arg(long, default_value_t = 3)]
     runs: usize,
@@ -81,12 +85,26 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     if a.runs == 0 {
         bail!("--runs: at least 1");
     }
-    let (kernel, initrd) = match (&a.kernel, &a.initrd) {
-        (Some(k), i) => (k.clone(), i.clone()),
-        (None, i) => {
-            let kit = Kit::find()?;
-            (kit.kernel(a.flavour, false).clone(), i.clone().or(Some(kit.initramfs)))
-        }
+    if a.rootfs.is_some() && a.firecracker.is_some() {
+        bail!("--rootfs and --firecracker: the side-by-side run boots an initrd only");
+    }
+    let kit = if a.kernel.is_none() || a.rootfs.as_deref() == Some(Path::new("kit")) || a.initrd.is_none() {
+        Some(Kit::find()?)
+    } else {
+        None
+    };
+    let kernel = match &a.kernel {
+        Some(k) => k.clone(),
+        None => kit.as_ref().context("the guest kit")?.kernel(a.flavour, false).clone(),
+    };
+    let rootfs = match (&a.rootfs, &kit) {
+        (Some(r), Some(kit)) if r.as_path() == Path::new("kit") => Some(kit.rootfs.clone()),
+        (r, _) => r.clone(),
+    };
+    let initrd = match (&a.initrd, &kit) {
+        (Some(i), _) => Some(i.clone()),
+        (None, Some(kit)) if rootfs.is_none() => Some(kit.initramfs.clone()),
+        _ => None,
     };
     let exe = std::env::current_exe().context("finding the isla binary")?;
     let dir = std::env::temp_dir().join(format!("isla-bench-{}", std::process::id()));
@@ -102,6 +120,11 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             .arg(&report);
         if let Some(i) = &initrd {
             cmd.arg("--initrd").arg(i);
+        }
+        if let Some(r) = &rootfs {
+            let mut arg = r.clone().into_os_string();
+            arg.push(",ro");
+            cmd.arg("--rootfs").arg(arg);
         }
         if let Some(c) = cmdline {
             cmd.args(["--cmdline", c]);
