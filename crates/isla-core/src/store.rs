@@ -121,7 +121,21 @@ impl Store {
         let db = |source| Error::Db { path: path.clone(), source };
         let conn = Connection::open(&path).map_err(db)?;
         conn.busy_timeout(Duration::from_secs(30)).map_err(db)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(db)?;
+        // Switching a new database to WAL needs it to itself, and SQLite does not wait for that
+        // through the busy timeout: two commands opening a fresh root at once would see "database
+        // is locked". Wait here instead, as long as the busy timeout.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match conn.pragma_update(None, "journal_mode", "WAL") {
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if matches!(e.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                r => break r.map_err(db)?,
+            }
+        }
         conn.pragma_update(None, "synchronous", "FULL").map_err(db)?;
         let store = Store { conn, path: path.clone(), root: root.to_path_buf() };
         store.migrate()?;
