@@ -51,6 +51,14 @@ pub fn tmp(name: &str) -> PathBuf {
     d.join(name)
 }
 
+/// Makes network namespace `name` afresh (a leftover of a crashed run is deleted first) with its
+/// loopback up; the caller deletes it (`ip netns del`) when done.
+pub fn fresh_netns(name: &str) {
+    let _ = Command::new("ip").args(["netns", "del", name]).stderr(std::process::Stdio::null()).status();
+    assert!(Command::new("ip").args(["netns", "add", name]).status().unwrap().success(), "ip netns add {name}");
+    assert!(Command::new("ip").args(["-n", name, "link", "set", "lo", "up"]).status().unwrap().success());
+}
+
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }

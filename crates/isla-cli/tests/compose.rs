@@ -16,9 +16,7 @@ struct Stack {
 impl Stack {
     fn new(tag: &str) -> Stack {
         let ns = format!("islacp{tag}{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &ns]).stderr(std::process::Stdio::null()).status();
-        assert!(Command::new("ip").args(["netns", "add", &ns]).status().unwrap().success());
-        assert!(Command::new("ip").args(["-n", &ns, "link", "set", "lo", "up"]).status().unwrap().success());
+        common::fresh_netns(&ns);
         let root = common::tmp(&format!("compose-{tag}"));
         let dir = common::tmp(&format!("compose-{tag}-files"));
         let _ = std::fs::remove_dir_all(&root);

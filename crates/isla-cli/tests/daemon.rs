@@ -26,9 +26,7 @@ impl Lab {
     fn new(tag: &str, netns: bool) -> Lab {
         let ns = format!("isladm{tag}{}", std::process::id());
         if netns {
-            let _ = Command::new("ip").args(["netns", "del", &ns]).stderr(Stdio::null()).status();
-            assert!(Command::new("ip").args(["netns", "add", &ns]).status().unwrap().success());
-            assert!(Command::new("ip").args(["-n", &ns, "link", "set", "lo", "up"]).status().unwrap().success());
+            common::fresh_netns(&ns);
         }
         let root = common::tmp(&format!("daemon-{tag}"));
         let _ = std::fs::remove_dir_all(&root);

@@ -19,9 +19,7 @@ struct Lab {
 impl Lab {
     fn new(tag: &str) -> Lab {
         let ns = format!("islalc{tag}{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &ns]).stderr(std::process::Stdio::null()).status();
-        assert!(Command::new("ip").args(["netns", "add", &ns]).status().unwrap().success());
-        assert!(Command::new("ip").args(["-n", &ns, "link", "set", "lo", "up"]).status().unwrap().success());
+        common::fresh_netns(&ns);
         let root = common::tmp(&format!("lifecycle-{tag}"));
         let _ = std::fs::remove_dir_all(&root);
         Lab { ns, root }
