@@ -88,24 +88,20 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     if a.rootfs.is_some() && a.firecracker.is_some() {
         bail!("--rootfs and --firecracker: the side-by-side run boots an initrd only");
     }
-    let kit = if a.kernel.is_none() || a.rootfs.as_deref() == Some(Path::new("kit")) || a.initrd.is_none() {
-        Some(Kit::find()?)
-    } else {
-        None
-    };
+    let kit_rootfs = a.rootfs.as_deref() == Some(Path::new("kit"));
+    // The kit is needed for its kernel (no --kernel) or its ext4 image (--rootfs kit) only.
+    let kit = if a.kernel.is_none() || kit_rootfs { Some(Kit::find()?) } else { None };
     let kernel = match &a.kernel {
         Some(k) => k.clone(),
         None => kit.as_ref().context("the guest kit")?.kernel(a.flavour, false).clone(),
     };
-    let rootfs = match (&a.rootfs, &kit) {
-        (Some(r), Some(kit)) if r.as_path() == Path::new("kit") => Some(kit.rootfs.clone()),
-        (r, _) => r.clone(),
+    let default_initrd = kit.as_ref().filter(|_| a.kernel.is_none()).map(|k| k.initramfs.clone());
+    let rootfs = match &kit {
+        Some(kit) if kit_rootfs => Some(kit.rootfs.clone()),
+        _ => a.rootfs.clone(),
     };
-    let initrd = match (&a.initrd, &kit) {
-        (Some(i), _) => Some(i.clone()),
-        (None, Some(kit)) if rootfs.is_none() => Some(kit.initramfs.clone()),
-        _ => None,
-    };
+    // As before --rootfs: the kit's initramfs goes with the kit's kernel, unless a root disk is given.
+    let initrd = a.initrd.clone().or(if rootfs.is_none() { default_initrd } else { None });
     let exe = std::env::current_exe().context("finding the isla binary")?;
     let dir = std::env::temp_dir().join(format!("isla-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
