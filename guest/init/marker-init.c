@@ -16,6 +16,13 @@
  * powers the VM off first), this program exits with its status, as a PID 1 script would have.
  * Meanwhile it reaps orphaned processes.
  *
+ * Before that it compares the register state the CPU has enabled for user space (XCR0, read with
+ * XGETBV) with the state this kernel saves on task switches (ARCH_GET_XCOMP_SUPP). On nested PVM
+ * hosts they differ: user space runs with the host's XCR0 (AVX and AVX-512 on) while the guest
+ * kernel, without XSAVE there, saves only x87 and SSE, so AVX and AVX-512 registers pass from one
+ * process to the next (docs/nested-kvm.md). Then the script and everything it starts get
+ * GLIBC_TUNABLES telling glibc to leave those registers alone in its string and memory functions.
+ *
  * No C library: raw system calls, so the program is a few pages that the kernel maps at once.
  * Built by guest/build-initramfs.sh with gcc -static -nostdlib.
  */
@@ -30,6 +37,7 @@
 #define SYS_execve 59
 #define SYS_exit 60
 #define SYS_wait4 61
+#define SYS_arch_prctl 158
 #define SYS_mount 165
 #define SYS_pipe2 293
 
@@ -43,6 +51,13 @@
 #define MARKER_ADDR 0xd0000000L
 #define MARKER_VALUE 123
 #define START_ATTEMPTS 3
+#define ARCH_GET_XCOMP_SUPP 0x1021
+/* x87 and SSE: what every x86-64 kernel saves. */
+#define XSTATE_FP_SSE 3UL
+#define MAX_ENV 62
+static const char glibc_no_avx[] =
+	"GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-FMA,-FMA4,-F16C,-AVX512F,-AVX512CD,-AVX512DQ,"
+	"-AVX512BW,-AVX512VL,-AVX512ER,-AVX512PF,-AVX_Fast_Unaligned_Load";
 
 static long sys6(long n, long a, long b, long c, long d, long e, long f)
 {
@@ -84,6 +99,45 @@ static void say_num(const char *before, long n, const char *after)
 	say(after);
 }
 
+/* Register state the CPU lets user space use that this kernel does not save: XCR0 bits outside
+ * ARCH_GET_XCOMP_SUPP. */
+static unsigned long unsaved_xstate(void)
+{
+	unsigned int a, b, c, d;
+	unsigned long supported = XSTATE_FP_SSE;
+
+	__asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(1), "c"(0));
+	if (!(c & (1u << 27))) /* CR4.OSXSAVE clear: no XGETBV, nothing beyond SSE */
+		return 0;
+	__asm__ volatile("xgetbv" : "=a"(a), "=d"(d) : "c"(0));
+	if (sys6(SYS_arch_prctl, ARCH_GET_XCOMP_SUPP, (long)&supported, 0, 0, 0, 0) < 0)
+		supported = XSTATE_FP_SSE;
+	return (((unsigned long)d << 32 | a) & ~supported);
+}
+
+static int starts_with(const char *s, const char *prefix)
+{
+	while (*prefix)
+		if (*s++ != *prefix++)
+			return 0;
+	return 1;
+}
+
+/* envp with glibc_no_avx added (unless GLIBC_TUNABLES is set already), in `out`. */
+static char **with_glibc_no_avx(char **envp, char **out)
+{
+	int n = 0;
+
+	for (; envp[n] && n < MAX_ENV; n++) {
+		if (starts_with(envp[n], "GLIBC_TUNABLES="))
+			return envp;
+		out[n] = envp[n];
+	}
+	out[n++] = (char *)glibc_no_avx;
+	out[n] = 0;
+	return out;
+}
+
 /* Starts the script with the write end of a pipe as its fd 3; its pid, or a negative error. */
 static long start_script(char **envp, long *ready_fd)
 {
@@ -123,6 +177,8 @@ static int wait_for(long pid)
 __attribute__((used, noreturn)) static void start(long *sp)
 {
 	char **envp = (char **)(sp + 1 + sp[0] + 1);
+	char *env[MAX_ENV + 2];
+	unsigned long unsaved;
 	long fd, page, pid = -1, ready_fd = -1, n;
 	int attempt, status = 0;
 	char byte;
@@ -137,6 +193,13 @@ __attribute__((used, noreturn)) static void start(long *sp)
 		*(volatile unsigned char *)page = MARKER_VALUE;
 	if (fd >= 0)
 		sys6(SYS_close, fd, 0, 0, 0, 0, 0);
+
+	unsaved = unsaved_xstate();
+	if (unsaved) {
+		say_num("isla-init: user space has register state the kernel does not save (XCR0 bits ",
+			(long)unsaved, "); glibc is told to leave AVX and AVX-512 alone\n");
+		envp = with_glibc_no_avx(envp, env);
+	}
 
 	for (attempt = 1; attempt <= START_ATTEMPTS; attempt++) {
 		pid = start_script(envp, &ready_fd);

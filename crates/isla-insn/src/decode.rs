@@ -169,6 +169,10 @@ pub enum Kind {
     Clac,
     /// `stac` (0F 01 CB).
     Stac,
+    /// `xgetbv` (0F 01 D0): EDX:EAX = XCR[ECX].
+    Xgetbv,
+    /// `xsetbv` (0F 01 D1): XCR[ECX] = EDX:EAX.
+    Xsetbv,
     /// `popcnt r, r/m` (F3 0F B8).
     Popcnt,
     /// `tzcnt r, r/m` (F3 0F BC with BMI1).
@@ -738,8 +742,8 @@ fn group7(c: &mut Cursor<'_>, cx: &Ctx) -> Result<Found, InsnError> {
             0xc4 => Some("vmxoff"),
             0xc8 => Some("monitor"),
             0xc9 => Some("mwait"),
-            0xd0 => Some("xgetbv"),
-            0xd1 => Some("xsetbv"),
+            0xd0 => return plain(Kind::Xgetbv, "xgetbv"),
+            0xd1 => return plain(Kind::Xsetbv, "xsetbv"),
             0xd5 => Some("xend"),
             0xd6 => Some("xtest"),
             0xd9 => Some("vmmcall"),

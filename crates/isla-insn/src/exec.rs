@@ -25,6 +25,7 @@ const CR0_MP: u64 = 1 << 1;
 const CR0_EM: u64 = 1 << 2;
 const CR0_TS: u64 = 1 << 3;
 const CR4_OSFXSR: u64 = 1 << 9;
+const CR4_OSXSAVE: u64 = 1 << 18;
 
 /// x87 status word: exception flags (IE..PE), stack fault, error summary and busy.
 const FSW_EXCEPTIONS: u16 = 0x003f;
@@ -54,6 +55,7 @@ pub(crate) fn execute<M: Machine>(m: &mut M, d: &Decoded, sregs: &kvm_sregs, mod
         }
         Kind::Ud2 => x.fault(vector::UD, None),
         Kind::Clac | Kind::Stac => x.clac_stac(),
+        Kind::Xgetbv | Kind::Xsetbv => x.xcr(),
         Kind::Popcnt | Kind::Tzcnt | Kind::Bsf | Kind::Lzcnt | Kind::Bsr => x.bit_count(),
         Kind::Cmpxchg16b => x.cmpxchg16b(),
         Kind::Cmpxchg8b => x.cmpxchg8b(),
@@ -254,6 +256,30 @@ impl<M: Machine> Exec<'_, M> {
             return self.fault(vector::UD, None);
         }
         regs.rflags = with_flag(regs.rflags, AC, self.d.kind == Kind::Stac);
+        self.finish(regs)
+    }
+
+    /// XGETBV and XSETBV. Only XCR0 exists here (ECX = 0); XSETBV checks the architectural rules
+    /// (x87 always on, AVX only with SSE) and leaves the rest to the hypervisor.
+    fn xcr(&mut self) -> Result<Raised, InsnError> {
+        if self.sregs.cr4 & CR4_OSXSAVE == 0 {
+            return self.fault(vector::UD, None);
+        }
+        let mut regs = self.m.regs()?;
+        if regs.rcx & 0xffff_ffff != 0 {
+            return self.fault(vector::GP, Some(0));
+        }
+        if self.d.kind == Kind::Xgetbv {
+            let v = self.m.xcr0()?;
+            regs.rax = v & 0xffff_ffff;
+            regs.rdx = v >> 32;
+            return self.finish(regs);
+        }
+        let v = (regs.rdx & 0xffff_ffff) << 32 | (regs.rax & 0xffff_ffff);
+        let (x87, sse, avx) = (v & 1 != 0, v & 2 != 0, v & 4 != 0);
+        if self.cpl(&regs) != 0 || !x87 || (avx && !sse) || !self.m.set_xcr0(v)? {
+            return self.fault(vector::GP, Some(0));
+        }
         self.finish(regs)
     }
 

@@ -20,15 +20,17 @@
 //!
 //! ## What is handled
 //!
-//! `int3`, `ud2`, `clac`, `stac`, `popcnt`, `tzcnt`/`bsf`, `lzcnt`/`bsr`, `cmpxchg8b`,
+//! `int3`, `ud2`, `clac`, `stac`, `xgetbv`, `xsetbv` (XCR0), `popcnt`, `tzcnt`/`bsf`, `lzcnt`/`bsr`, `cmpxchg8b`,
 //! `cmpxchg16b`, `fwait`, `fninit`, `fnclex`, `fnstcw`, `fldcw`, `fnstsw` (memory and AX),
 //! `ldmxcsr`, `stmxcsr`, `fxsave`/`fxsave64`, `fxrstor`/`fxrstor64`, `emms`, `lfence`, `mfence`,
 //! `sfence`, `pause`, `nop` (one-byte and 0F 1F /0), `endbr64`/`endbr32` and the prefetch hints,
 //! with legacy prefixes, REX, and 16-, 32- and 64-bit addressing (RIP-relative included).
 //!
 //! Faults the instructions raise on hardware are injected through [`Machine::inject_exception`]:
-//! #UD for a misplaced LOCK prefix, register forms of CMPXCHG8B/16B and CLAC/STAC above CPL 0;
-//! #GP(0) for misaligned CMPXCHG16B/FXSAVE/FXRSTOR operands and reserved MXCSR bits; #NM and
+//! #UD for a misplaced LOCK prefix, register forms of CMPXCHG8B/16B and CLAC/STAC above CPL 0,
+//! XGETBV/XSETBV without CR4.OSXSAVE;
+//! #GP(0) for misaligned CMPXCHG16B/FXSAVE/FXRSTOR operands, reserved MXCSR bits, an XCR other
+//! than XCR0, XSETBV above CPL 0 or with a value the hypervisor refuses; #NM and
 //! #UD from CR0.EM/TS/MP and CR4.OSFXSR; #MF for FWAIT/EMMS with a pending x87 exception.
 //!
 //! ## Not modelled
@@ -87,6 +89,11 @@ pub trait Machine {
     fn fpu(&mut self) -> Result<kvm_fpu, InsnError>;
     /// Writes the x87/SSE state.
     fn set_fpu(&mut self, fpu: &kvm_fpu) -> Result<(), InsnError>;
+    /// The vCPU's XCR0.
+    fn xcr0(&mut self) -> Result<u64, InsnError>;
+    /// Sets XCR0; `Ok(false)` when the hypervisor refuses the value for this vCPU (the
+    /// instruction then raises #GP(0)).
+    fn set_xcr0(&mut self, value: u64) -> Result<bool, InsnError>;
     /// Queue exception `vector` for delivery at the next entry (error code if any).
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<(), InsnError>;
     /// Read guest memory at a guest-virtual address (the implementation translates and checks

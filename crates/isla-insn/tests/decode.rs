@@ -262,8 +262,7 @@ fn recognised_but_unsupported_are_named() {
         (&[0x0f, 0xae, 0x2f], "xrstor"),
         (&[0x0f, 0xae, 0x37], "xsaveopt"),
         (&[0x0f, 0xae, 0x3f], "clflush"),
-        (&[0x0f, 0x01, 0xd1], "xsetbv"),
-        (&[0x0f, 0x01, 0xd0], "xgetbv"),
+        (&[0x0f, 0x01, 0xd5], "xend"),
         (&[0x0f, 0x01, 0xf9], "rdtscp"),
         (&[0x0f, 0xc7, 0xf0], "rdrand"),
         (&[0x0f, 0xc7, 0xf8], "rdseed"),
@@ -290,8 +289,8 @@ fn recognised_but_unsupported_are_named() {
     assert_eq!(unsupported(&[0x0f, 0xb8, 0xc3], L).0, None);
     // F3 turns the fences into other instructions.
     assert_eq!(unsupported(&[0xf3, 0x0f, 0xae, 0xe8], L).0, Some("incssp"));
-    let e = decode(&[0x0f, 0x01, 0xd1], L).expect_err("unsupported");
-    assert_eq!(e.to_string(), "unsupported instruction xsetbv (bytes: 0f 01 d1)");
+    let e = decode(&[0x0f, 0x01, 0xd5], L).expect_err("unsupported");
+    assert_eq!(e.to_string(), "unsupported instruction xend (bytes: 0f 01 d5)");
 }
 
 #[test]

@@ -740,11 +740,11 @@ fn memory_errors_leave_rip() {
 #[test]
 fn unsupported_leaves_state() {
     let mut m = TestMachine::long64();
-    let e = emulate(&mut m, &[0x0f, 0x01, 0xd1, 0x90], ALL).expect_err("xsetbv");
+    let e = emulate(&mut m, &[0x0f, 0x01, 0xd5, 0x90], ALL).expect_err("xend");
     match &e {
         InsnError::Unsupported { mnemonic, bytes } => {
-            assert_eq!(*mnemonic, Some("xsetbv"));
-            assert_eq!(bytes, "0f 01 d1 90");
+            assert_eq!(*mnemonic, Some("xend"));
+            assert_eq!(bytes, "0f 01 d5 90");
         }
         other => panic!("{other:?}"),
     }
@@ -804,4 +804,47 @@ fn fild_word_and_qword() {
     assert_eq!(&m.fpu.fpr[0][7..10], &[0x80, 0x27, 0x40], "2^40");
     assert_eq!(&m.fpu.fpr[1][7..10], &[0x80, 0xff, 0x3f], "1.0 now in ST(1)");
     assert_eq!(m.fpu.ftwx, 0xc0);
+}
+
+const CR4_OSXSAVE: u64 = 1 << 18;
+
+#[test]
+fn xsetbv_and_xgetbv_reach_xcr0() {
+    let mut m = TestMachine::long64();
+    m.sregs.cr4 |= CR4_OSXSAVE;
+    // xsetbv with EDX:EAX = 0:3 (x87 | SSE), then xgetbv reads it back.
+    m.regs.rax = 0xffff_ffff_0000_0003;
+    m.regs.rdx = 0xffff_ffff_0000_0000;
+    m.regs.rcx = 0xffff_ffff_0000_0000;
+    assert_eq!(emulate(&mut m, &[0x0f, 0x01, 0xd1], ALL).expect("xsetbv"), "xsetbv");
+    assert_eq!((m.xcr0, m.regs.rip), (3, 0x1003));
+    m.regs.rax = u64::MAX;
+    m.regs.rdx = u64::MAX;
+    assert_eq!(emulate(&mut m, &[0x0f, 0x01, 0xd0], ALL).expect("xgetbv"), "xgetbv");
+    assert_eq!((m.regs.rax, m.regs.rdx, m.regs.rip), (3, 0, 0x1006));
+    assert!(m.injected.is_empty());
+}
+
+#[test]
+fn xsetbv_faults_as_the_architecture_says() {
+    let gp = Some((13u8, Some(0u32)));
+    let run = |setup: &dyn Fn(&mut TestMachine)| {
+        let mut m = TestMachine::long64();
+        m.sregs.cr4 |= CR4_OSXSAVE;
+        m.regs.rax = 3;
+        setup(&mut m);
+        let out = emulate_outcome(&mut m, &[0x0f, 0x01, 0xd1], ALL).expect("handled");
+        (out.exception, m.xcr0, m.regs.rip)
+    };
+    // Without CR4.OSXSAVE: #UD.
+    assert_eq!(run(&|m| m.sregs.cr4 &= !CR4_OSXSAVE), (Some((6, None)), 1, 0x1000));
+    // XCR1 and beyond: #GP(0).
+    assert_eq!(run(&|m| m.regs.rcx = 1), (gp, 1, 0x1000));
+    // x87 off, or AVX without SSE: #GP(0).
+    assert_eq!(run(&|m| m.regs.rax = 2), (gp, 1, 0x1000));
+    assert_eq!(run(&|m| m.regs.rax = 5), (gp, 1, 0x1000));
+    // Above CPL 0: #GP(0).
+    assert_eq!(run(&|m| m.sregs.ss.dpl = 3), (gp, 1, 0x1000));
+    // A value the hypervisor refuses: #GP(0), XCR0 unchanged.
+    assert_eq!(run(&|m| m.xcr0_refused.push(3)), (gp, 1, 0x1000));
 }

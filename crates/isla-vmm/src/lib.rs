@@ -16,6 +16,7 @@ pub mod builder;
 pub mod config;
 pub mod devices;
 pub mod firecracker;
+pub mod fpstate;
 pub mod host;
 pub mod kvm_exit;
 pub mod profile;

@@ -10,12 +10,14 @@ use isla_arch::boot;
 use isla_arch::cpuid::{self, CpuTemplate};
 use isla_insn::{InsnError, Machine};
 use kvm_bindings::{
-    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_sregs, CpuId, Msrs, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_xcr, kvm_xcrs, CpuId, Msrs, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::devices::Devices;
+use crate::fpstate;
 use crate::kvm_exit;
 use crate::state::{GuestExit, VmShared};
 use crate::{kvm_err, VmmError};
@@ -309,10 +311,31 @@ impl Machine for KvmMachine<'_> {
         self.fd.get_sregs().map_err(verr("KVM_GET_SREGS"))
     }
     fn fpu(&mut self) -> Result<kvm_fpu, InsnError> {
-        self.fd.get_fpu().map_err(verr("KVM_GET_FPU"))
+        let xs = self.fd.get_xsave().map_err(verr("KVM_GET_XSAVE"))?;
+        Ok(fpstate::fpu_from_xsave(&xs))
     }
     fn set_fpu(&mut self, fpu: &kvm_fpu) -> Result<(), InsnError> {
-        self.fd.set_fpu(fpu).map_err(verr("KVM_SET_FPU"))
+        let mut xs = self.fd.get_xsave().map_err(verr("KVM_GET_XSAVE"))?;
+        fpstate::fpu_into_xsave(fpu, &mut xs);
+        // SAFETY: `xs` is a whole `kvm_xsave` (4 KiB). KVM reads more than that only for guests
+        // given dynamically enabled state (AMX), which needs ARCH_REQ_XCOMP_GUEST_PERM; isla never
+        // asks for it, so the guest's XSAVE size stays within 4 KiB.
+        unsafe { self.fd.set_xsave(&xs) }.map_err(verr("KVM_SET_XSAVE"))
+    }
+    fn xcr0(&mut self) -> Result<u64, InsnError> {
+        let x = self.fd.get_xcrs().map_err(verr("KVM_GET_XCRS"))?;
+        let n = (x.nr_xcrs as usize).min(x.xcrs.len());
+        Ok(x.xcrs[..n].iter().find(|e| e.xcr == 0).map_or(1, |e| e.value))
+    }
+    fn set_xcr0(&mut self, value: u64) -> Result<bool, InsnError> {
+        let mut x = kvm_xcrs { nr_xcrs: 1, ..Default::default() };
+        x.xcrs[0] = kvm_xcr { xcr: 0, reserved: 0, value };
+        match self.fd.set_xcrs(&x) {
+            Ok(()) => Ok(true),
+            // KVM refuses an XCR0 the guest's CPUID does not allow.
+            Err(e) if e.errno() == libc::EINVAL => Ok(false),
+            Err(e) => Err(verr("KVM_SET_XCRS")(e)),
+        }
     }
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<(), InsnError> {
         let mut ev = self.fd.get_vcpu_events().map_err(verr("KVM_GET_VCPU_EVENTS"))?;

@@ -39,6 +39,9 @@ pub struct TestMachine {
     pub cmpxchg16_calls: Vec<u64>,
     pub set_regs_calls: usize,
     pub set_fpu_calls: usize,
+    pub xcr0: u64,
+    /// XCR0 values `set_xcr0` refuses, as a hypervisor would.
+    pub xcr0_refused: Vec<u64>,
 }
 
 impl TestMachine {
@@ -80,6 +83,8 @@ impl TestMachine {
             cmpxchg16_calls: Vec::new(),
             set_regs_calls: 0,
             set_fpu_calls: 0,
+            xcr0: 1,
+            xcr0_refused: Vec::new(),
         }
     }
 
@@ -143,6 +148,18 @@ impl Machine for TestMachine {
         self.set_fpu_calls += 1;
         self.fpu = *fpu;
         Ok(())
+    }
+
+    fn xcr0(&mut self) -> Result<u64, InsnError> {
+        Ok(self.xcr0)
+    }
+
+    fn set_xcr0(&mut self, value: u64) -> Result<bool, InsnError> {
+        if self.xcr0_refused.contains(&value) {
+            return Ok(false);
+        }
+        self.xcr0 = value;
+        Ok(true)
     }
 
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<(), InsnError> {
