@@ -113,7 +113,7 @@ fn exec_once(uds: &Path, script: &str) -> (i32, String) {
 }
 
 /// [`exec_once`], tried up to three times: on nested hosts a freshly started guest process still
-/// crashes now and then (issue 3's open problem, docs/nested-kvm.md); every script here can run
+/// could crash now and then (docs/nested-kvm.md, "Fresh processes that read zeros"); every script here can run
 /// again. Each retry is logged.
 fn exec(uds: &Path, script: &str, ok: impl Fn(&str) -> bool) -> (i32, String) {
     let mut last = (0, String::new());
