@@ -9,8 +9,8 @@
  * layout.rs), through /dev/mem.
  *
  * On those hosts a freshly started process sometimes dies at its first instruction that reads
- * thread-local storage (docs/nested-kvm.md; the cause and the workaround are below). As PID 1 that would panic the
- * kernel; so the script runs as a child, tells this program through file descriptor 3 that it got
+ * thread-local storage (docs/nested-kvm.md; the cause and the workaround are below). As PID 1
+ * that would panic the kernel; so the script runs as a child, tells this program through file descriptor 3 that it got
  * going (its first line writes a byte there), and is started again, up to three times, if it
  * died before that. Whatever happens later is the script's own doing: when it ends (it normally
  * powers the VM off first), this program exits with its status, as a PID 1 script would have.
