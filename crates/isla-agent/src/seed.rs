@@ -21,6 +21,7 @@
 //! file) and waits for it; the same process serves the agent meanwhile, so `isla exec` runs in
 //! the image's root too.
 
+use std::ffi::OsString;
 use std::io::{self, Read, Write};
 use std::path::Path;
 use std::process::Command;
@@ -151,10 +152,11 @@ pub fn run_image(root: &Path, seed: &Path, serve: impl FnOnce()) -> io::Result<i
     }
     std::os::unix::fs::chroot(root)?;
     std::env::set_current_dir("/")?;
+    let env = image_env(&rf.env, std::env::var_os(GLIBC_TUNABLES));
     for (k, _) in std::env::vars_os() {
         std::env::remove_var(k);
     }
-    for (k, v) in rf.env.iter().filter_map(|e| e.split_once('=')) {
+    for (k, v) in env {
         std::env::set_var(k, v);
     }
     use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -173,6 +175,24 @@ pub fn run_image(root: &Path, seed: &Path, serve: impl FnOnce()) -> io::Result<i
     Ok(status.code().or(status.signal().map(|s| 128 + s)).unwrap_or(255))
 }
 
+/// The variable the kit's `/init` sets when user space may use registers the guest kernel does
+/// not save (docs/nested-kvm.md, "Fresh processes that read zeros").
+const GLIBC_TUNABLES: &str = "GLIBC_TUNABLES";
+
+/// The image's environment as (name, value) pairs, plus the GLIBC_TUNABLES this process was
+/// started with, unless the image sets its own: the kit's init found the host needs it, and the
+/// image's processes would crash without it just as the kit's do.
+fn image_env(env: &[String], inherited_tunables: Option<OsString>) -> Vec<(OsString, OsString)> {
+    let mut out: Vec<(OsString, OsString)> =
+        env.iter().filter_map(|e| e.split_once('=')).map(|(k, v)| (k.into(), v.into())).collect();
+    if let Some(t) = inherited_tunables {
+        if !out.iter().any(|(k, _)| k == GLIBC_TUNABLES) {
+            out.push((GLIBC_TUNABLES.into(), t));
+        }
+    }
+    out
+}
+
 /// Replaces `path` (a symbolic link there is replaced, not followed).
 fn write_file(path: &Path, text: &str) -> io::Result<()> {
     match std::fs::symlink_metadata(path) {
@@ -185,6 +205,18 @@ fn write_file(path: &Path, text: &str) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_inherited_glibc_tunables_reach_the_image_unless_it_sets_its_own() {
+        let env = vec!["PATH=/bin".to_string(), "X=1=2".to_string(), "junk".to_string()];
+        let got = image_env(&env, Some("glibc.cpu.hwcaps=-AVX".into()));
+        let pairs: Vec<(&str, &str)> = got.iter().map(|(k, v)| (k.to_str().unwrap(), v.to_str().unwrap())).collect();
+        assert_eq!(pairs, [("PATH", "/bin"), ("X", "1=2"), ("GLIBC_TUNABLES", "glibc.cpu.hwcaps=-AVX")]);
+        let own = vec!["GLIBC_TUNABLES=glibc.malloc.check=3".to_string()];
+        let got = image_env(&own, Some("glibc.cpu.hwcaps=-AVX".into()));
+        assert_eq!(got, [(OsString::from("GLIBC_TUNABLES"), OsString::from("glibc.malloc.check=3"))]);
+        assert_eq!(image_env(&env, None).len(), 2);
+    }
 
     fn sample() -> RunFile {
         RunFile {

@@ -631,8 +631,8 @@ fn microvm_instances_boot_container_images() {
     let (mut code, mut out) = attempt("iv");
     if code != Some(7) || !complete(&out) {
         // One retry: a busybox start-up in the guest occasionally segfaults on this nested host
-        // (docs/nested-kvm.md, "Fresh processes that read zeros": image microVMs do not get the kit's
-        // workaround); the test must not hang on one unlucky process.
+        // (docs/nested-kvm.md, "Fresh processes that read zeros"; worked around for glibc programs),
+        // the test must not hang on one unlucky process.
         eprintln!("first boot did not complete (exit {code:?}): {out}");
         lab.ok(&["rm", "-f", "iv"]);
         (code, out) = attempt("iv");
