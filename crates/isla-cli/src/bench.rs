@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::Value;
 
-use crate::kit::Kit;
+use crate::kit::{boot_files, Kit};
 use crate::peer;
 
 #[derive(Args)]
@@ -88,20 +88,15 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     if a.rootfs.is_some() && a.firecracker.is_some() {
         bail!("--rootfs and --firecracker: the side-by-side run boots an initrd only");
     }
-    let kit_rootfs = a.rootfs.as_deref() == Some(Path::new("kit"));
-    // The kit is needed for its kernel (no --kernel) or its ext4 image (--rootfs kit) only.
-    let kit = if a.kernel.is_none() || kit_rootfs { Some(Kit::find()?) } else { None };
-    let kernel = match &a.kernel {
-        Some(k) => k.clone(),
-        None => kit.as_ref().context("the guest kit")?.kernel(a.flavour, false).clone(),
-    };
-    let default_initrd = kit.as_ref().filter(|_| a.kernel.is_none()).map(|k| k.initramfs.clone());
+    // The kit is looked up for its ext4 image here (--rootfs kit), for its kernel in boot_files.
+    let kit = if a.rootfs.as_deref() == Some(Path::new("kit")) { Some(Kit::find()?) } else { None };
     let rootfs = match &kit {
-        Some(kit) if kit_rootfs => Some(kit.rootfs.clone()),
-        _ => a.rootfs.clone(),
+        Some(kit) => Some(kit.rootfs.clone()),
+        None => a.rootfs.clone(),
     };
-    // As before --rootfs: the kit's initramfs goes with the kit's kernel, unless a root disk is given.
-    let initrd = a.initrd.clone().or(if rootfs.is_none() { default_initrd } else { None });
+    // The same kernel and initrd as `isla vm run` would pick.
+    let (kernel, initrd) =
+        boot_files(kit.as_ref(), a.kernel.as_deref(), a.flavour, a.initrd.as_deref(), rootfs.is_some())?;
     let exe = std::env::current_exe().context("finding the isla binary")?;
     let dir = std::env::temp_dir().join(format!("isla-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;

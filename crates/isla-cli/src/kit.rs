@@ -1,9 +1,36 @@
 //! Finding and building the guest kit (guest/build.sh writes ~/.cache/isla/guest-kit.env).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
+
+/// The kernel and initrd a boot uses. Given a kernel, the kernel and initrd as given. Without
+/// one, the kit's kernel of `flavour`, and (unless an initrd is given) the kit's initramfs, which
+/// is left out when the guest boots from a root disk (`root_disk`). `kit` is the kit when the
+/// caller has it already; otherwise it is looked up only if it is needed.
+pub fn boot_files(
+    kit: Option<&Kit>,
+    kernel: Option<&Path>,
+    flavour: Flavour,
+    initrd: Option<&Path>,
+    root_disk: bool,
+) -> Result<(PathBuf, Option<PathBuf>)> {
+    let initrd = initrd.map(Path::to_path_buf);
+    if let Some(k) = kernel {
+        return Ok((k.to_path_buf(), initrd));
+    }
+    let found;
+    let kit = match kit {
+        Some(kit) => kit,
+        None => {
+            found = Kit::find()?;
+            &found
+        }
+    };
+    let default_initrd = (!root_disk).then(|| kit.initramfs.clone());
+    Ok((kit.kernel(flavour, false).clone(), initrd.or(default_initrd)))
+}
 
 /// Paths of the guest kit.
 pub struct Kit {

@@ -94,10 +94,7 @@ enum GuestCmd {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("ISLA_LOG").unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    vmrun::init_logging();
     if std::env::args_os().next().is_some_and(|a| Path::new(&a).file_name() == Some("isla-runc".as_ref())) {
         return runtime::main_as_runc();
     }

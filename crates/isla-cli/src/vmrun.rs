@@ -93,15 +93,15 @@ impl RunArgs {
         let mut cfg = match &self.config_file {
             Some(f) => isla_vmm::firecracker::load(f)?,
             None => {
-                let (kernel, default_initrd) = match &self.kernel {
-                    Some(k) => (k.clone(), None),
-                    None => {
-                        let kit = crate::kit::Kit::find()?;
-                        (kit.kernel(self.flavour, false).clone(), Some(kit.initramfs))
-                    }
-                };
+                let (kernel, initrd) = crate::kit::boot_files(
+                    None,
+                    self.kernel.as_deref(),
+                    self.flavour,
+                    self.initrd.as_deref(),
+                    self.rootfs.is_some(),
+                )?;
                 let mut c = VmConfig::new(kernel);
-                c.initrd = self.initrd.clone().or(default_initrd.filter(|_| self.rootfs.is_none()));
+                c.initrd = initrd;
                 if let Some(s) = &self.cmdline {
                     c.cmdline = s.clone();
                 }
@@ -149,6 +149,14 @@ pub fn vm_run(args: &RunArgs) -> Result<i32> {
         eprint!("{}", report.summary());
     }
     Ok(report.exit.exit_code())
+}
+
+/// Logs to standard error, filtered by ISLA_LOG (default: warnings), for both binaries.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("ISLA_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 /// The process status for a command's result (errors are printed).

@@ -17,10 +17,7 @@ mod kit;
 mod vmrun;
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("ISLA_LOG").unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    vmrun::init_logging();
     let args = vmrun::VmRunOnly::parse();
     vmrun::exit_code(vmrun::vm_run(&args.args))
 }
