@@ -120,11 +120,12 @@ impl Store {
         let path = root.join("isla.db");
         let db = |source| Error::Db { path: path.clone(), source };
         let conn = Connection::open(&path).map_err(db)?;
-        conn.busy_timeout(Duration::from_secs(30)).map_err(db)?;
+        let busy_timeout = Duration::from_secs(30);
+        conn.busy_timeout(busy_timeout).map_err(db)?;
         // Switching a new database to WAL needs it to itself, and SQLite does not wait for that
         // through the busy timeout: two commands opening a fresh root at once would see "database
         // is locked". Wait here instead, as long as the busy timeout.
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let deadline = std::time::Instant::now() + busy_timeout;
         loop {
             match conn.pragma_update(None, "journal_mode", "WAL") {
                 Err(rusqlite::Error::SqliteFailure(e, _))
